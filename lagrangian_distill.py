@@ -173,11 +173,9 @@ def check_args(args: Args) -> None:
 
 def batch_indices(step: int, batch_size: int, num_problems: int, seed: int) -> list[int]:
     """Problems of a step: a fresh seeded permutation per epoch, so the order is a function of (seed, step)."""
-    indices = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        epoch, position = divmod(i, num_problems)
-        indices.append(int(np.random.default_rng([seed, epoch]).permutation(num_problems)[position]))
-    return indices
+    positions = [divmod(i, num_problems) for i in range(step * batch_size, (step + 1) * batch_size)]  # (epoch, position)
+    orders = {epoch: np.random.default_rng([seed, epoch]).permutation(num_problems) for epoch, _ in positions}
+    return [int(orders[epoch][position]) for epoch, position in positions]
 
 
 def main(args: Args) -> Path:
@@ -212,8 +210,7 @@ def main(args: Args) -> Path:
         run_dir = Path(args.resume).parent
         for name in ("metrics.jsonl", "samples.jsonl"):
             common.truncate_jsonl(run_dir / name, start_step)
-        common.write_json(run_dir / f"config_resume_{start_step}.json", {"resumed_from": args.resume})
-        common.make_run_dir(args, run_dir)
+        common.make_run_dir(args, run_dir, config_name=f"config_resume_{start_step}.json")
     else:
         run_dir = common.make_run_dir(args)
     print(f"run folder: {run_dir}", flush=True)

@@ -4,12 +4,12 @@ Random-weight models have 0% accuracy and a meaningless KL, so the default runs 
 `cmdp_distill.py`, `lagrangian_distill.py` and `eval_math.py` use this task instead (the way
 CartPole serves CleanRL). It generates GSM8K-format problems ("... #### 28"), builds a word/digit
 tokenizer in-process, and trains two Llama-architecture models by supervised fine-tuning on the
-worked solutions: a teacher (4 layers, width 256) to >= 90% greedy test accuracy and a smaller
-student (2 layers, width 128) trained much less, so that it is weaker and its responses often
-exceed a per-token KL budget of 0.05 nats to the teacher. Everything is saved with
-`save_pretrained` and loads through the same code as real models.
+worked solutions: a teacher (4 layers, width 256; ~89% greedy test accuracy) and a smaller student
+(2 layers, width 128) trained much less, so that it is weaker (~70%) and most of its responses exceed
+a per-token KL budget of 0.05 nats to the teacher. Everything is saved with `save_pretrained` and
+loads through the same code as real models. README "The toy task" has the measured figures.
 
-    python toy_math.py                  # build (once, a few minutes on 2 CPU cores) and report
+    python toy_math.py                  # build (once, ~7 minutes on 2 CPU cores) and report
     python toy_math.py --force          # rebuild
 
 The pair is cached in $CMDP_DISTILL_CACHE (default ~/.cache/cmdp_distill/toy-v1-seed{seed});
@@ -64,7 +64,7 @@ def make_problem(rng: random.Random) -> dict:
     if family == "bags":
         a, k = rng.randint(2, 9), rng.randint(2, 5)
         sentences, total = [BAGS_START.format(a=a, k=k, **fill)], a * k
-        steps.append(f"{a} * {k} = {total}.")
+        steps.append(f"{sentences[-1][:-1]}, so {a} * {k} = {total}.")
         num_ops = rng.randint(0, 2)
     else:
         total = rng.randint(2, 30)
@@ -84,7 +84,7 @@ def make_problem(rng: random.Random) -> dict:
             b = rng.randint(2, 3)
             new_total = total * b
         sentences.append(rng.choice(ops[op]).format(b=b, **fill))
-        steps.append(f"{total} {op} {b} = {new_total}.")
+        steps.append(f"{sentences[-1][:-1]}, so {total} {op} {b} = {new_total}.")
         total = new_total
     sentences.append((BOX_QUESTION if family == "box" else OWN_QUESTION).format(**fill))
     return dict(question=" ".join(sentences), solution=" ".join(steps) + f" #### {total}", answer=str(total))
@@ -113,7 +113,7 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [OWN_START, BOX_START, BAGS_START, OWN_QUESTION, BOX_QUESTION, "Question: ?\nAnswer: #### 0123456789 + - * = ."]
+    texts = [OWN_START, BOX_START, BAGS_START, OWN_QUESTION, BOX_QUESTION, "Question: ?\nAnswer: , so #### 0123456789 + - * = ."]
     texts += [t for ops in (OWN_OPS, BOX_OPS) for templates in ops.values() for t in templates]
     fills = [dict(Name=n, P=p.capitalize(), p=p, obj=o, a=0, b=0, k=0) for n, p in NAMES for o in OBJECTS]
     pieces = {piece for text in texts for fill in fills for piece in re.findall(TOKEN_PATTERN, text.format(**fill))}
@@ -186,13 +186,13 @@ class Args:
     """held-out problems, disjoint from the training ones"""
     teacher_layers: int = 4
     teacher_width: int = 256
-    teacher_steps: int = 600
-    """SFT steps (batch 64) for the teacher"""
+    teacher_steps: int = 1200
+    """SFT steps for the teacher"""
     student_layers: int = 2
     student_width: int = 128
-    student_steps: int = 150
-    """SFT steps (batch 64) for the student: few, so that it stays clearly weaker than the teacher"""
-    batch_size: int = 64
+    student_steps: int = 480
+    """SFT steps for the student: few, so that it stays clearly weaker than the teacher"""
+    batch_size: int = 32
     lr: float = 3e-3
     budget: float = 0.05
     """KL budget (nats per token) at which the report measures the student's constraint satisfaction"""
@@ -210,7 +210,7 @@ def build(args: Args) -> Path:
     out = Path(args.cache_dir) if args.cache_dir else default_dir(args.seed)
     if (out / "report.json").exists() and not args.force:
         return out
-    print(f"building the toy task and its teacher/student models into {out} (once; a few minutes on 2 CPU cores) ...", flush=True)
+    print(f"building the toy task and its teacher/student models into {out} (once; ~7 minutes on 2 CPU cores) ...", flush=True)
     start = time.time()
     common.seed_everything(args.seed)
     tmp = Path(f"{out}.tmp")

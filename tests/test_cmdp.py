@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cmdp_distill as cmdp
-from conftest import ROOT, run_script
+from conftest import run_script
 
 
 def test_modified_reward_matches_its_definition():

@@ -26,8 +26,10 @@ def test_every_solution_is_graded_correct_and_results_are_non_negative():
         assert not common.is_correct(p["solution"], str(int(p["answer"]) + 1)), p
         assert int(p["answer"]) >= 0
         # every intermediate equation is true arithmetic
-        for equation in p["solution"].split(" #### ")[0].split(". "):
-            lhs, rhs = equation.rstrip(".").split(" = ")
+        for step in p["solution"].split(" #### ")[0].split(". "):
+            sentence, equation = step.rstrip(".").split(", so ")
+            assert sentence + "." in p["question"]  # each step restates the sentence it computes
+            lhs, rhs = equation.split(" = ")
             a, op, b = lhs.split()
             assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(rhs) >= 0
         num_ops.add(p["solution"].count(" = "))
