@@ -83,6 +83,9 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote
         # GGUF weights were dequantized to plain tensors, but the GGUF quantizer left attached refuses
         # save_pretrained (so checkpoints of a GGUF student): drop it, the model is an ordinary one now
         quantizer.remove_quantization_config(model)
+    head = model.get_output_embeddings()
+    if getattr(model.config, "final_logit_softcapping", None) or getattr(head, "bias", None) is not None:
+        raise SystemExit(f"{path}: its logits are not final_hidden @ lm_head.weight (logit soft-capping or an lm_head bias), which the exact KL here assumes.")
     return model.to(device)
 
 

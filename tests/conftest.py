@@ -26,3 +26,11 @@ def run_script(*argv: str, cwd: Path, timeout: int = 600) -> subprocess.Complete
     """Run one of the project's scripts in a subprocess, as a user would."""
     proc = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     return proc
+
+
+def tiny_run_args(script: str, toy: Path, out: Path, *extra: str) -> list[str]:
+    """Command line of a training script on the tiny toy build: 2 prompts x 4 responses, 12 new tokens."""
+    return [script, "--student", str(toy / "student"), "--teacher", str(toy / "teacher"),
+            "--dataset", str(toy / "train.jsonl"), "--eval-dataset", str(toy / "test.jsonl"),
+            "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "12",
+            "--eval-limit", "4", "--output-dir", str(out), "--budget", "0.001", "--learning-rate", "1e-2", *extra]

@@ -8,6 +8,7 @@ import torch
 
 import cmdp_distill as cmdp
 from conftest import run_script
+from conftest import tiny_run_args as conftest_tiny_run_args
 
 
 def test_modified_reward_matches_its_definition():
@@ -89,10 +90,7 @@ def test_batch_indices_cover_each_epoch_once_and_are_reproducible():
 
 
 def tiny_run_args(toy, out, *extra):
-    return ["cmdp_distill.py", "--student", str(toy / "student"), "--teacher", str(toy / "teacher"),
-            "--dataset", str(toy / "train.jsonl"), "--eval-dataset", str(toy / "test.jsonl"),
-            "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "12",
-            "--eval-limit", "4", "--output-dir", str(out), "--budget", "0.001", "--learning-rate", "1e-2", *extra]
+    return conftest_tiny_run_args("cmdp_distill.py", toy, out, *extra)
 
 
 def read_metrics(run_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lagrangian_distill as lagr
-from conftest import run_script
+from conftest import run_script, tiny_run_args
 
 
 @pytest.mark.parametrize("multiplier, mean_kl, budget, lr", [(0.0, 0.2, 0.05, 1.0), (0.5, 0.0, 0.05, 100.0), (2.0, 0.05, 0.05, 3.0), (1.0, 0.3, 0.05, 0.0)])
@@ -34,10 +34,7 @@ def test_lagrangian_penalty_is_lambda_times_mean_kl_over_all_responses():
 
 
 def run_args(toy, out, *extra):
-    return ["lagrangian_distill.py", "--student", str(toy / "student"), "--teacher", str(toy / "teacher"),
-            "--dataset", str(toy / "train.jsonl"), "--eval-dataset", str(toy / "test.jsonl"),
-            "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "12",
-            "--eval-limit", "4", "--output-dir", str(out), "--budget", "0.001", "--learning-rate", "1e-2", *extra]
+    return tiny_run_args("lagrangian_distill.py", toy, out, *extra)
 
 
 def test_help_and_bad_input(tmp_path):
