@@ -4,8 +4,8 @@ Random-weight models have 0% accuracy and a meaningless KL, so the default runs 
 `cmdp_distill.py`, `lagrangian_distill.py` and `eval_math.py` use this task instead (the way
 CartPole serves CleanRL). It generates GSM8K-format problems ("... #### 28"), builds a word/digit
 tokenizer in-process, and trains two Llama-architecture models by supervised fine-tuning on the
-worked solutions: a teacher (4 layers, width 256; ~89% greedy test accuracy) and a smaller student
-(2 layers, width 128) trained much less, so that it is weaker (~70%) and most of its responses exceed
+worked solutions: a teacher (4 layers, width 256; ~95% greedy test accuracy) and a smaller student
+(2 layers, width 128) trained much less, so that it is weaker (~60-65%) and most of its responses exceed
 a per-token KL budget of 0.05 nats to the teacher. Everything is saved with `save_pretrained` and
 loads through the same code as real models. README "The toy task" has the measured figures.
 
@@ -190,10 +190,10 @@ class Args:
     """SFT steps for the teacher"""
     student_layers: int = 2
     student_width: int = 128
-    student_steps: int = 480
+    student_steps: int = 450
     """SFT steps for the student: few, so that it stays clearly weaker than the teacher"""
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 2e-3
     budget: float = 0.05
     """KL budget (nats per token) at which the report measures the student's constraint satisfaction"""
     report_limit: int = 500
