@@ -18,7 +18,7 @@ def tiny_toy(tmp_path_factory) -> Path:
 
     args = toy_math.Args(cache_dir=str(tmp_path_factory.mktemp("toy") / "tiny"), num_train=256, num_test=16,
                          teacher_layers=1, teacher_width=64, teacher_steps=3, student_layers=1, student_width=64,
-                         student_steps=2, batch_size=8, report_limit=8)
+                         student_steps=2, batch_size=8, lr=3e-3, report_limit=8)
     return toy_math.build(args)
 
 
@@ -33,4 +33,4 @@ def tiny_run_args(script: str, toy: Path, out: Path, *extra: str) -> list[str]:
     return [script, "--student", str(toy / "student"), "--teacher", str(toy / "teacher"),
             "--dataset", str(toy / "train.jsonl"), "--eval-dataset", str(toy / "test.jsonl"),
             "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "12",
-            "--eval-limit", "4", "--output-dir", str(out), "--budget", "0.001", "--learning-rate", "1e-2", *extra]
+            "--eval-limit", "4", "--output-dir", str(out), "--budget", "0.0001", "--learning-rate", "1e-2", *extra]
