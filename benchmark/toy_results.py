@@ -1,12 +1,14 @@
 """Evaluate and aggregate the toy sweep (benchmark/toy_sweep.sh): a markdown table and two plots.
 
-For every run folder in the sweep directory, its last checkpoint is evaluated by eval_math.py (greedy,
-all 500 toy test problems, KL and CSR to the toy teacher at the run's own budget) unless that was done
-already; then the table (mean +- std over seeds per method and budget, with the starting student and
-the teacher as reference rows) is printed and written to {sweep}/results.md, and the plots go to docs/:
-accuracy vs CSR (one point per run) and mean KL over training steps with the budget as a line.
+For every finished run in the sweep directory, its last checkpoint is evaluated by eval_math.py (greedy,
+all 500 toy test problems, per-response KL to the toy teacher) unless that was done already; the
+starting student and the teacher are evaluated once as reference rows. Each response's mean KL is in
+eval_final/results.jsonl, so CSR is reported at every budget of the sweep, for every run. Outputs:
+{sweep}/results.md (mean ± std over seeds per method and budget), docs/accuracy_vs_csr.png (one point
+per run, one panel per budget) and docs/mean_kl_over_training.png (training curves at budget 0.05).
 
     python benchmark/toy_results.py runs/sweep          # plots need: pip install matplotlib
+    python benchmark/toy_results.py runs/sweep /tmp/plots   # plots elsewhere than docs/
 """
 
 import json
@@ -21,38 +23,65 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import toy_math  # noqa: E402
 
+BUDGETS = (0.02, 0.05, 0.1)  # the sweep's budgets; budget-free baselines are scored at all of them
+ORDER = ("cmdp", "dual", "fixed", "grpo", "kd")  # table and legend order by exp-name prefix
 
-def evaluate(model: str, budget: float, out: Path) -> dict:
+
+def evaluate(model, budget: float, out: Path) -> tuple[dict, np.ndarray]:
+    """eval_math.py's summary and per-response mean KLs for `model` (a path, or a function giving one), cached in `out`."""
     if not (out / "summary.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "eval_math.py"), "--model", model, "--teacher", "toy", "--budget", str(budget),
+        model = model() if callable(model) else model
+        subprocess.run([sys.executable, str(ROOT / "eval_math.py"), "--model", str(model), "--teacher", "toy", "--budget", str(budget),
                         "--max-new-tokens", "64", "--output-dir", str(out)], check=True, cwd=ROOT)
-    return json.loads((out / "summary.json").read_text())
+    kls = np.array([json.loads(line)["mean_kl"] for line in (out / "results.jsonl").read_text().splitlines()])
+    return json.loads((out / "summary.json").read_text()), kls
 
 
-def main(sweep: Path) -> None:
-    rows = defaultdict(list)  # exp_name -> [(seed, summary, metrics, args)]
+def sort_key(name: str) -> tuple:
+    prefix = next((i for i, p in enumerate(ORDER) if name.startswith(p)), len(ORDER))
+    return prefix, name
+
+
+def family(name: str) -> str:
+    """cmdp_d0.05 -> cmdp, dual_d0.1 -> dual; budget-free baselines are their own family."""
+    return name.split("_d")[0] if name.startswith(("cmdp_d", "dual_d")) else name
+
+
+def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
+    runs = defaultdict(list)  # exp_name -> [dict(seed, args, summary, kls, metrics)]
     for run in sorted(p for p in sweep.iterdir() if (p / "config.json").exists()):
         args = json.loads((run / "config.json").read_text())["args"]
         checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         if not checkpoints or int(checkpoints[-1].name.split("-")[1]) != args["num_steps"]:
             print(f"skipping unfinished run {run}")
             continue
-        summary = evaluate(str(checkpoints[-1]), args["budget"], run / "eval_final")
+        summary, kls = evaluate(checkpoints[-1], args["budget"], run / "eval_final")
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        rows[args["exp_name"]].append((args["seed"], summary, metrics, args))
-    budgets = sorted({a["budget"] for runs in rows.values() for *_, a in runs}) or [0.05]
-    reference = {name: evaluate(str(toy_math.resolve("toy", name)), b, sweep / f"eval_{name}_{b}") for name in ("student", "teacher") for b in budgets[:1]}
+        runs[args["exp_name"]].append(dict(seed=args["seed"], args=args, summary=summary, kls=kls, metrics=metrics))
+    if not runs:
+        sys.exit(f"no finished runs in {sweep}: run benchmark/toy_sweep.sh first")
+    reference = {name: evaluate(lambda name=name: toy_math.resolve("toy", name), 0.05, sweep / f"eval_{name}") for name in ("teacher", "student")}
 
-    def cell(values):
-        return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    def cell(values, bold=False):
+        text = f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+        return f"**{text}**" if bold else text
 
-    lines = ["| method | budget | seeds | accuracy | mean KL | CSR at budget | steps |", "|---|---|---|---|---|---|---|"]
-    for name, run in reference.items():
-        lines.append(f"| {name} (reference) | {budgets[0]} | - | {run['accuracy']:.3f} | {run['mean_kl']:.3f} | {run['csr']:.3f} | - |")
-    for name, runs in sorted(rows.items()):
-        s = [r[1] for r in runs]
-        lines.append(f"| {name} | {runs[0][3]['budget']} | {len(runs)} | {cell([x['accuracy'] for x in s])} | "
-                     f"{cell([x['mean_kl'] for x in s])} | {cell([x['csr'] for x in s])} | {runs[0][3]['num_steps']} |")
+    def train_minutes(r):  # sampling + teacher scoring + update, without the periodic evals
+        return sum(m["perf/generate_s"] + m["perf/score_s"] + m["perf/update_s"] for m in r["metrics"] if "perf/generate_s" in m) / 60
+
+    csr_head = " | ".join(f"CSR at {b}" for b in BUDGETS)
+    lines = [f"| method | budget | seeds | accuracy | mean KL | {csr_head} | steps | train min/run |",
+             "|---|---|---|---|---|" + "---|" * len(BUDGETS) + "---|---|"]
+    for name, (summary, kls) in reference.items():
+        csrs = " | ".join(f"{np.mean(kls <= b):.3f}" for b in BUDGETS)
+        lines.append(f"| {name} (reference) | - | - | {summary['accuracy']:.3f} | {summary['mean_kl']:.3f} | {csrs} | - | - |")
+    for name in sorted(runs, key=sort_key):
+        rs = runs[name]
+        budget = rs[0]["args"]["budget"] if name.startswith(("cmdp", "dual")) else None
+        csrs = " | ".join(cell([np.mean(r["kls"] <= b) for r in rs], bold=b == budget) for b in BUDGETS)
+        lines.append(f"| {name} | {budget if budget is not None else '-'} | {len(rs)} | {cell([r['summary']['accuracy'] for r in rs])} | "
+                     f"{cell([r['summary']['mean_kl'] for r in rs])} | {csrs} | {rs[0]['args']['num_steps']} | "
+                     f"{np.mean([train_minutes(r) for r in rs]):.1f} |")
     table = "\n".join(lines)
     print(table)
     (sweep / "results.md").write_text(table + "\n")
@@ -63,35 +92,58 @@ def main(sweep: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plots skipped: pip install matplotlib")
+        print(f"wrote {sweep / 'results.md'}; plots skipped: pip install matplotlib")
         return
-    docs = ROOT / "docs"
-    docs.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, runs in sorted(rows.items()):
-        ax.scatter([r[1]["csr"] for r in runs], [r[1]["accuracy"] for r in runs], label=name, s=30)
-    for name, run in reference.items():
-        ax.scatter([run["csr"]], [run["accuracy"]], marker="*", s=150, color="black" if name == "teacher" else "gray", label=f"{name} (start)" if name == "student" else name)
-    ax.set_xlabel("CSR (fraction of responses with mean KL <= budget)")
-    ax.set_ylabel("greedy accuracy (500 toy test problems)")
-    ax.legend(fontsize=7)
+    docs.mkdir(parents=True, exist_ok=True)
+    names = sorted(runs, key=sort_key)
+    families = list(dict.fromkeys(map(family, names)))
+    colors = {n: plt.cm.tab10(families.index(family(n)) % 10) for n in names}  # one colour per method, whatever the budget
+
+    # accuracy vs CSR: one panel per budget, CMDP and dual ascent at that budget, budget-free baselines everywhere
+    fig, axes = plt.subplots(1, len(BUDGETS), figsize=(5 * len(BUDGETS), 4.5), sharey=True)
+    for ax, b in zip(axes, BUDGETS):
+        for name in names:
+            if name.startswith(("cmdp", "dual")) and runs[name][0]["args"]["budget"] != b:
+                continue
+            rs = runs[name]
+            ax.scatter([np.mean(r["kls"] <= b) for r in rs], [r["summary"]["accuracy"] for r in rs], color=colors[name], s=30,
+                       marker="o" if name.startswith(("cmdp", "dual")) else "^", label=name)
+        for name, (summary, kls) in reference.items():
+            ax.scatter([np.mean(kls <= b)], [summary["accuracy"]], marker="*", s=160, color="black" if name == "teacher" else "gray", label=name)
+        ax.set_title(f"budget {b}")
+        ax.set_xlabel(f"CSR (fraction of responses with mean KL <= {b})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("greedy accuracy, 500 toy test problems")
     fig.tight_layout()
-    fig.savefig(docs / "accuracy_vs_csr.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, runs in sorted(rows.items()):
-        if not name.startswith(("cmdp", "dual", "fixed")) or runs[0][3]["budget"] != 0.05:
-            continue
-        steps = [m["step"] for m in runs[0][2] if "train/mean_kl" in m]
-        curves = np.array([[m["train/mean_kl"] for m in r[2] if "train/mean_kl" in m] for r in runs])
-        ax.plot(steps, curves.mean(0), label=name)
-    ax.axhline(0.05, color="black", linestyle="--", label="budget 0.05")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean per-token KL of sampled responses")
-    ax.legend(fontsize=7)
+    fig.savefig(docs / "accuracy_vs_csr.png", dpi=110)
+
+    # training curves at budget 0.05: mean over seeds, shaded min..max
+    panels = [("train/mean_kl", "mean per-token KL of sampled responses"), ("train/csr", "CSR of sampled responses (budget 0.05)"),
+              ("dual/lambda", "lambda (Lagrangian runs)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    for ax, (key, label) in zip(axes, panels):
+        for name in names:
+            if not (name.endswith("_d0.05") or name.startswith("fixed")) or not any(key in m for m in runs[name][0]["metrics"]):
+                continue
+            curves = [[(m["step"], m[key]) for m in r["metrics"] if key in m] for r in runs[name]]
+            length = min(len(c) for c in curves)
+            steps = np.array([s for s, _ in curves[0][:length]])
+            curves = np.array([[v for _, v in c[:length]] for c in curves])
+            ax.plot(steps, curves.mean(0), color=colors[name], label=name)
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=colors[name], alpha=0.2)
+        if key == "train/mean_kl":
+            ax.axhline(0.05, color="black", linestyle="--", label="budget 0.05")
+        if key == "dual/lambda":
+            ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(docs / "mean_kl_over_training.png", dpi=120)
-    print(f"wrote {docs / 'accuracy_vs_csr.png'} and {docs / 'mean_kl_over_training.png'}")
+    fig.savefig(docs / "mean_kl_over_training.png", dpi=110)
+    print(f"wrote {sweep / 'results.md'}, {docs / 'accuracy_vs_csr.png'} and {docs / 'mean_kl_over_training.png'}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/sweep"))
+    main(*[Path(a) for a in sys.argv[1:3]] or [Path("runs/sweep")])
