@@ -5,7 +5,7 @@ all 500 toy test problems, per-response KL to the toy teacher) unless that was d
 starting student and the teacher are evaluated once as reference rows. Each response's mean KL is in
 eval_final/results.jsonl, so CSR is reported at every budget of the sweep, for every run. Outputs:
 {sweep}/results.md (mean ± std over seeds per method and budget), docs/accuracy_vs_csr.png (one point
-per run, one panel per budget) and docs/mean_kl_over_training.png (training curves at budget 0.05).
+per run, one panel per budget) and docs/mean_kl_over_training.png (training curves at budget 0.05, and GRPO).
 
     python benchmark/toy_results.py runs/sweep          # plots need: pip install matplotlib
     python benchmark/toy_results.py runs/sweep /tmp/plots   # plots elsewhere than docs/
@@ -118,25 +118,26 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
     fig.tight_layout()
     fig.savefig(docs / "accuracy_vs_csr.png", dpi=110)
 
-    # training curves at budget 0.05: mean over seeds, shaded min..max
+    # training curves at budget 0.05: mean over seeds of a 10-step moving average (lambda unsmoothed), ± one std over seeds
     panels = [("train/mean_kl", "mean per-token KL of sampled responses"), ("train/csr", "CSR of sampled responses (budget 0.05)"),
               ("dual/lambda", "lambda (Lagrangian runs)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     for ax, (key, label) in zip(axes, panels):
         for name in names:
-            if not (name.endswith("_d0.05") or name.startswith("fixed")) or not any(key in m for m in runs[name][0]["metrics"]):
+            if not (name.endswith("_d0.05") or name.startswith(("fixed", "grpo"))) or not any(key in m for m in runs[name][0]["metrics"]):
                 continue
             curves = [[(m["step"], m[key]) for m in r["metrics"] if key in m] for r in runs[name]]
             length = min(len(c) for c in curves)
-            steps = np.array([s for s, _ in curves[0][:length]])
-            curves = np.array([[v for _, v in c[:length]] for c in curves])
+            window = min(10, length) if key.startswith("train/") else 1  # short runs: a shorter window
+            steps = np.array([s for s, _ in curves[0][:length]])[window - 1 :]
+            curves = np.array([np.convolve([v for _, v in c[:length]], np.ones(window) / window, mode="valid") for c in curves])
             ax.plot(steps, curves.mean(0), color=colors[name], label=name)
-            ax.fill_between(steps, curves.min(0), curves.max(0), color=colors[name], alpha=0.2)
+            ax.fill_between(steps, curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0), color=colors[name], alpha=0.15)
         if key == "train/mean_kl":
             ax.axhline(0.05, color="black", linestyle="--", label="budget 0.05")
         if key == "dual/lambda":
             ax.set_yscale("symlog", linthresh=1)
-        ax.set_xlabel("step")
+        ax.set_xlabel("step (10-step moving average)" if key.startswith("train/") else "step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
