@@ -7,7 +7,7 @@ eval_final/results.jsonl, so CSR is reported at every budget of the sweep, for e
 {sweep}/results.md (mean ± std over seeds per method and budget), docs/accuracy_vs_csr.png (one point
 per run, one panel per budget) and docs/mean_kl_over_training.png (training curves at budget 0.05, and GRPO).
 
-    python benchmark/toy_results.py runs/sweep          # plots need: pip install matplotlib
+    python benchmark/toy_results.py runs/sweep          # plots need: pip install matplotlib==3.11.2
     python benchmark/toy_results.py runs/sweep /tmp/plots   # plots elsewhere than docs/
 """
 
