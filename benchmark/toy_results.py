@@ -42,11 +42,6 @@ def sort_key(name: str) -> tuple:
     return prefix, name
 
 
-def family(name: str) -> str:
-    """cmdp_d0.05 -> cmdp, dual_d0.1 -> dual; budget-free baselines are their own family."""
-    return name.split("_d")[0] if name.startswith(("cmdp_d", "dual_d")) else name
-
-
 def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
     runs = defaultdict(list)  # exp_name -> [dict(seed, args, summary, kls, metrics)]
     for run in sorted(p for p in sweep.iterdir() if (p / "config.json").exists()):
@@ -60,6 +55,9 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
         runs[args["exp_name"]].append(dict(seed=args["seed"], args=args, summary=summary, kls=kls, metrics=metrics))
     if not runs:
         sys.exit(f"no finished runs in {sweep}: run benchmark/toy_sweep.sh first")
+    # the budget each method was trained for (None for the budget-free baselines) and its colour family
+    own_budget = {name: rs[0]["args"]["budget"] if name.startswith(("cmdp", "dual")) else None for name, rs in runs.items()}
+    family = {name: name.split("_d")[0] if own_budget[name] is not None else name for name in runs}  # cmdp_d0.05 -> cmdp
     reference = {name: evaluate(lambda name=name: toy_math.resolve("toy", name), 0.05, sweep / f"eval_{name}") for name in ("teacher", "student")}
 
     def cell(values, bold=False):
@@ -76,8 +74,7 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
         csrs = " | ".join(f"{np.mean(kls <= b):.3f}" for b in BUDGETS)
         lines.append(f"| {name} (reference) | - | - | {summary['accuracy']:.3f} | {summary['mean_kl']:.3f} | {csrs} | - | - |")
     for name in sorted(runs, key=sort_key):
-        rs = runs[name]
-        budget = rs[0]["args"]["budget"] if name.startswith(("cmdp", "dual")) else None
+        rs, budget = runs[name], own_budget[name]
         csrs = " | ".join(cell([np.mean(r["kls"] <= b) for r in rs], bold=b == budget) for b in BUDGETS)
         lines.append(f"| {name} | {budget if budget is not None else '-'} | {len(rs)} | {cell([r['summary']['accuracy'] for r in rs])} | "
                      f"{cell([r['summary']['mean_kl'] for r in rs])} | {csrs} | {rs[0]['args']['num_steps']} | "
@@ -96,18 +93,18 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
         return
     docs.mkdir(parents=True, exist_ok=True)
     names = sorted(runs, key=sort_key)
-    families = list(dict.fromkeys(map(family, names)))
-    colors = {n: plt.cm.tab10(families.index(family(n)) % 10) for n in names}  # one colour per method, whatever the budget
+    families = list(dict.fromkeys(family[n] for n in names))
+    colors = {n: plt.cm.tab10(families.index(family[n]) % 10) for n in names}  # one colour per method, whatever the budget
 
     # accuracy vs CSR: one panel per budget, CMDP and dual ascent at that budget, budget-free baselines everywhere
     fig, axes = plt.subplots(1, len(BUDGETS), figsize=(5 * len(BUDGETS), 4.5), sharey=True)
     for ax, b in zip(axes, BUDGETS):
         for name in names:
-            if name.startswith(("cmdp", "dual")) and runs[name][0]["args"]["budget"] != b:
+            if own_budget[name] not in (None, b):
                 continue
             rs = runs[name]
             ax.scatter([np.mean(r["kls"] <= b) for r in rs], [r["summary"]["accuracy"] for r in rs], color=colors[name], s=30,
-                       marker="o" if name.startswith(("cmdp", "dual")) else "^", label=name)
+                       marker="^" if own_budget[name] is None else "o", label=name)
         for name, (summary, kls) in reference.items():
             ax.scatter([np.mean(kls <= b)], [summary["accuracy"]], marker="*", s=160, color="black" if name == "teacher" else "gray", label=name)
         ax.set_title(f"budget {b}")
@@ -124,7 +121,7 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     for ax, (key, label) in zip(axes, panels):
         for name in names:
-            if not (name.endswith("_d0.05") or name.startswith(("fixed", "grpo"))) or not any(key in m for m in runs[name][0]["metrics"]):
+            if not (own_budget[name] == 0.05 or name.startswith(("fixed", "grpo"))) or not any(key in m for m in runs[name][0]["metrics"]):
                 continue
             curves = [[(m["step"], m[key]) for m in r["metrics"] if key in m] for r in runs[name]]
             length = min(len(c) for c in curves)
@@ -147,4 +144,4 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
 
 
 if __name__ == "__main__":
-    main(*[Path(a) for a in sys.argv[1:3]] or [Path("runs/sweep")])
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/sweep"), Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "docs")
