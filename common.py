@@ -8,17 +8,20 @@ Importing this module has no side effects.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import logging
 import os
 import random
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-import unicodedata
+from collections import deque
 from dataclasses import asdict
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +63,48 @@ def check_model_path(path: str, what: str) -> None:
         raise SystemExit(f"{what} {path!r} does not exist; pass a local model folder, a .gguf file, a hub id like Qwen/Qwen2.5-Math-1.5B-Instruct, or 'toy'.")
 
 
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """How transformers, datasets and huggingface_hub report a hub repository they cannot reach or find:
+    OSError and its subclasses (ConnectionError, FileNotFoundError, the hub's HTTP errors), plus the hub's
+    two that are not OSErrors (an entry not found, an invalid repository id)."""
+    from huggingface_hub import errors
+
+    return (OSError, errors.HfHubHTTPError, errors.EntryNotFoundError, errors.HFValidationError)
+
+
+def _hub_failure(what: str, name: str, err: BaseException, remedy: str) -> SystemExit:
+    """One sentence for a hub name that did not load: what, why (the library's first line), how to go local."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    chain, cause = [], err
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    guess = "no such repository, or a private/gated one?" if any(isinstance(e, RepositoryNotFoundError) for e in chain) else "offline?"
+    reason = (str(err).strip().splitlines() or [""])[0][:200].rstrip(". ")
+    return SystemExit(f"could not load {what} {name} from the Hugging Face hub ({guess} {type(err).__name__}: {reason}); {remedy}.")
+
+
+def _from_hub(path: str) -> bool:
+    return not os.path.exists(os.path.expanduser(path))
+
+
+def _local_model_remedy(path: str) -> str:
+    return (f"where you have access run `hf download {path} --local-dir {path.rsplit('/', 1)[-1]}`, "
+            "copy that folder here and pass its path in place of the hub id")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Tokenizer with left padding (for batched generation) and a pad token (eos if it had none)."""
     from transformers import AutoTokenizer
 
     folder, extra = _split_gguf(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
+    except _hub_errors() as e:
+        if not _from_hub(path):  # a local folder or file: its own error says what is wrong with it
+            raise
+        raise _hub_failure("the tokenizer of", path, e, _local_model_remedy(path)) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -77,7 +116,12 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote
     from transformers import AutoModelForCausalLM
 
     folder, extra = _split_gguf(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    except _hub_errors() as e:
+        if not _from_hub(path):
+            raise
+        raise _hub_failure("model", path, e, _local_model_remedy(path)) from None
     quantizer = getattr(model, "hf_quantizer", None)
     if extra and quantizer is not None and not any("Gguf" in type(m).__name__ for m in model.modules()):
         # GGUF weights were dequantized to plain tensors, but the GGUF quantizer left attached refuses
@@ -103,7 +147,14 @@ def check_same_tokenizer(student_tok, teacher_tok) -> None:
 # Data and prompts
 # ---------------------------------------------------------------------------------------------
 
-HUB_DATASETS = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None)}
+HUB_DATASETS = {  # name -> (hub id, config)
+    "gsm8k": ("openai/gsm8k", "main"),
+    "math500": ("HuggingFaceH4/MATH-500", None),
+    "gsm_symbolic": ("apple/GSM-Symbolic", "main"),  # GSM8K fields (question, answer with #### N)
+    "gsm_symbolic_p1": ("apple/GSM-Symbolic", "p1"),
+    "gsm_symbolic_p2": ("apple/GSM-Symbolic", "p2"),
+}
+HUB_SPLITS = {"gsm8k": ("train", "test"), "math500": ("test",), "gsm_symbolic": ("test",), "gsm_symbolic_p1": ("test",), "gsm_symbolic_p2": ("test",)}
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -119,20 +170,11 @@ def _problem_from_row(row: dict) -> dict:
     raise KeyError("expected fields question/answer (GSM8K), problem/answer (MATH) or Body/Question/Answer (SVAMP)")
 
 
-def check_dataset(name: str) -> None:
-    if name not in ("toy", *HUB_DATASETS) and not Path(name).expanduser().is_file():
-        raise SystemExit(f"dataset {name!r} is neither a known name ({', '.join(['toy', *HUB_DATASETS])}) nor an existing .jsonl/.json file.")
-
-
-def load_problems(name: str, split: str = "test") -> list[dict]:
-    """Problems as [{question, answer}] from a hub name (gsm8k, math500) or a .jsonl/.json file."""
-    if name in HUB_DATASETS:
-        import datasets
-
-        repo, config = HUB_DATASETS[name]
-        return [_problem_from_row(row) for row in datasets.load_dataset(repo, config, split=split)]
-    check_dataset(name)
+def _read_problem_file(name: str) -> list[dict]:
+    """Problems from a .jsonl/.json file; SystemExit naming the file and line of the first bad row."""
     path = Path(name).expanduser()
+    if not path.is_file():
+        raise SystemExit(f"dataset {name!r} is neither a known name ({', '.join(['toy', *HUB_DATASETS])}) nor an existing .jsonl/.json file.")
     if path.suffix == ".jsonl":
         rows = []
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -160,6 +202,36 @@ def load_problems(name: str, split: str = "test") -> list[dict]:
     return problems
 
 
+def check_dataset(name: str, split: str | None = None) -> None:
+    """Fail early (before any model loads or the toy task is built) on a dataset that cannot load: an
+    unknown name, a split that a hub dataset lacks, or a missing or malformed file (parsed in full)."""
+    if name in HUB_SPLITS and split is not None and split not in HUB_SPLITS[name]:
+        repo, config = HUB_DATASETS[name]
+        raise SystemExit(f"dataset {name} ({repo}{f', config {config}' if config else ''}) has only the split(s) {', '.join(HUB_SPLITS[name])}, not {split!r}: "
+                         f"to train, pass a local .jsonl file as --dataset and {name} as --eval-dataset.")
+    if name != "toy" and name not in HUB_DATASETS:
+        _read_problem_file(name)
+
+
+def load_problems(name: str, split: str = "test") -> list[dict]:
+    """Problems as [{question, answer}] from a hub name (see HUB_DATASETS) or a .jsonl/.json file."""
+    if name not in HUB_DATASETS:
+        return _read_problem_file(name)
+    import datasets
+
+    check_dataset(name, split)
+    repo, config = HUB_DATASETS[name]
+    try:
+        rows = datasets.load_dataset(repo, config, split=split)
+    except _hub_errors() as e:
+        fields = "problem/answer fields" if name == "math500" else "question/answer fields, the answer ending in #### N"
+        remedy = (f"where you have access run `python -c \"import datasets; datasets.load_dataset('{repo}', {config!r}, split='{split}')"
+                  f".to_json('{name}_{split}.jsonl')\"`, copy that file here and pass it, e.g. --dataset {name}_{split}.jsonl "
+                  f"(any .jsonl with {fields})")
+        raise _hub_failure("dataset", repo + (f" (config {config})" if config else ""), e, remedy) from None
+    return [_problem_from_row(row) for row in rows]
+
+
 def render_prompt(tokenizer, question: str) -> str:
     """The chat template (with a step-by-step, \\boxed{} system prompt) if any, else a plain one."""
     if getattr(tokenizer, "chat_template", None):
@@ -171,222 +243,204 @@ def render_prompt(tokenizer, question: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Answer extraction and grading: the one grader, for the training reward and for evaluation
 # ---------------------------------------------------------------------------------------------
+# The answer follows the LAST final-answer marker: \boxed{}/\fbox{}, GSM8K's `####`, "the answer is",
+# "Final Answer:". No marker, no reward: a last-number fallback pays truncated and degenerate text, so it
+# lives only in is_correct_lenient (evaluation's lenient_accuracy). Equivalence is Math-Verify's (the
+# verifier of TRL's accuracy reward and open-r1), on its LaTeX path only: its ExprExtractionConfig path
+# runs sympy's parse_expr, an eval, on model text. Its signal.alarm timeouts fail outside the main thread,
+# so each comparison runs under _within instead, and what no watchdog can interrupt, one huge integer
+# computed in C, is refused before sympy sees it (_UNPARSABLE, _digits).
 
-_BOX = re.compile(r"\\(?:boxed|fbox)")
-_TOKEN = re.compile(r"[^\s$]*")
-_SENTENCE_END = re.compile(r"\.(?:\s|$)")  # a full stop, not a decimal point
-_ANSWER_IS = re.compile(r"the\s+(?:final\s+)?answer\s+is", re.IGNORECASE)
-# Thousands groups are comma-led, so the repetition cannot overlap itself (no backtracking blow-up).
-_LAST_NUM = re.compile(r"(?:(?<![\w)])[-\u2212])?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_NUM = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
-_PLAIN = re.compile(_NUM)
-_FRAC = re.compile(rf"(-?)\\frac\{{({_NUM})\}}\{{({_NUM})\}}")
-_SLASH = re.compile(rf"({_NUM})/({_NUM})")
-_MIXED = re.compile(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}")  # 1\frac{4}{5} is a mixed number, 9/5
-_MAX_NUM_CHARS = 200  # Fraction of a 100k-digit string is slow; longer answers compare as strings only
-_SUBS = [  # (pattern, replacement), applied in order before unit and prefix handling
-    (re.compile(r"\\!\s*|(?<!\\)\\[,;: ]|\\displaystyle"), ""),  # `\!` glues `11,\! 111`; `\\ ` is a row break
-    (re.compile(r"\\(?:left|right)(?![a-zA-Z])"), ""),
-    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree|°"), ""),
-    (re.compile(r"\\?[$%]"), ""),  # dollars and percent signs (50\% == 50, no /100 leniency)
-    (re.compile(r"\\[dt]frac"), r"\\frac"),
-    (re.compile(r"[\u2212\u2013]"), "-"),
-    (re.compile(r"\u2044"), "/"),
-]
-# A trailing unit: `10 \text{ cm}`, `15\mbox{ cm}^2`. Letters only, so `5 \text{ or 6}` keeps its text.
-_UNIT = re.compile(r"\\(?:text|mbox|mathrm|textrm)\s*\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\s*\^\s*\{?[23]\}?)?$")
-_WRAP = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\s*\{([^{}]*)\}")
-_PREFIX = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)\s*(?:=|\\in(?![a-zA-Z]))")  # `x =`, `\theta=`, `x \in`
-_SPACE = re.compile(r"\s+")
-_FIXES = [  # applied after spaces are gone
-    (re.compile(r"\\frac([0-9a-zA-Z])([0-9a-zA-Z])"), r"\\frac{\1}{\2}"),  # \frac12, \frac 34
-    (re.compile(r"\\frac([0-9a-zA-Z])\{"), r"\\frac{\1}{"),  # \frac9{19}
-    (re.compile(r"\\frac(\{[^{}]*\})([0-9a-zA-Z])"), r"\\frac\1{\2}"),  # \frac{270}7
-    (re.compile(r"\\sqrt([0-9a-zA-Z])"), r"\\sqrt{\1}"),
-    (re.compile(r"([_^])\{([0-9a-zA-Z]+)\}"), r"\1\2"),  # 4210_{5} -> 4210_5, x^{2} -> x^2
-    (re.compile(r"(?<![\d.])\.(?=\d)"), "0."),
-    (re.compile(r"^\+|^\(([A-Za-z])\)$"), r"\1"),  # +5 -> 5, (B) -> B
-]
-_MATRIX = re.compile(r"\\begin\{([pbv]?matrix)\}(.*)\\end\{\1\}")
+_MARKER = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])|(?<!#)####(?!#)|\b(?:the|final)\s+answer\s+is\b(?!\s+(?:correct|right|wrong|incorrect|not)\b)"
+                     r"|\bfinal\s+answer\b(?:\s*\*\*)?\s*(?::|\n)", re.IGNORECASE)
+_HEADING = re.compile(r"[^\S\n]*(?:\*\*)?[^\S\n]*(?:[A-Za-z]{2,}|\d+[.):][^\S\n]+[A-Za-z]|#)")  # `#### Step 2`, `#### 1. Costs`
+_SENTENCE_END, _SENTENCE_BREAK = re.compile(r"\.(?:\s|$)|\bI hope\b"), re.compile(r"[.!?](?=\s)|\n\s*\n")  # not a decimal point
+_MATH_SPAN = re.compile(r"\$\$?[^$]+\$\$?")
+_WORD = re.compile(r"(?<![\\a-zA-Z])(?!(?:and|or|percent|percentage|pct)\b)[a-zA-Z]{3,}")  # not a LaTeX command
+_LAST_NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\w)")
+_UNPARSABLE = re.compile(r"\d\s*E\s*[-+]?\s*\d{3}|(?:binom|choose).*\d{5}")  # sympy reads 1E999999 for a minute, in C
+_MAX_MARKERS, _MAX_ANSWER_CHARS = 8, 1000  # markers tried from the last one back; characters read after one
+_MAX_PARSE_CHARS = 300  # longer answers compare as strings (MATH-500's longest gold answer has 53 characters)
+_MAX_DIGITS = 100_000  # digits of one exact number (a power, a factorial) that sympy may compute
+# Per comparison, parses included: ANTLR takes minutes to parse `x^x^...^x`, sympy to simplify sin(x)^20 - cos(x)^20,
+# while each public case needs at most 0.2 s of CPU (tests/test_grader.py).
+_CPU_SECONDS, _WALL_SECONDS = 0.4, 0.8
 
 
-def _last_boxed(text: str) -> str | None:
-    starts = [m.end() for m in _BOX.finditer(text)]
-    if not starts:
-        return None
-    close: dict[int, int] = {}  # one linear pass matches every brace, however many boxes there are
-    stack: list[int] = []
-    for i, ch in enumerate(text):
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            close[stack.pop()] = i
-    for start in reversed(starts):
-        j = start
-        while j < len(text) and text[j] in " \t":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            content = text[j + 1 : close[j]].strip() if j in close else ""
-        elif j > start:  # `\boxed 5`: the next token
-            content = _TOKEN.match(text, j).group().rstrip(".")
-        else:  # `\boxedx` or `\fboxsep`: not a box
-            content = ""
-        if content and not _BOX.match(content):  # `\boxed \boxed` is no answer
-            return content
-    return None
+def _boxed(text: str, marker: re.Match) -> str:
+    """The \\boxed{} at `marker`, joined with boxes before it in its sentence by Math-Verify's rule (`\\boxed{1}
+    and \\boxed{2}`; it would also join `\\boxed{7}. Wait, it is \\boxed{8}`); `\\boxed 5`'s token; "" if unclosed."""
+    j = re.compile(r"[ \t]*").match(text, marker.end()).end()
+    if not text.startswith("{", j):
+        token = text[j : j + _MAX_ANSWER_CHARS].split(maxsplit=1)
+        return token[0].strip("$.") if j > marker.end() and token and not _MARKER.match(token[0]) else ""
+    depth = 0
+    for k in range(j, min(len(text), j + _MAX_ANSWER_CHARS)):
+        depth += (text[k] == "{") - (text[k] == "}")
+        if depth == 0:
+            from latex2sympy2_extended.math_normalization import extract_boxed_content
+
+            start = max(0, marker.start() - _MAX_ANSWER_CHARS)
+            start = max([start] + [m.end() for m in _SENTENCE_BREAK.finditer(text, start, marker.start())])
+            return extract_boxed_content(text[start : k + 1], mode="last").strip()
+    return ""
 
 
-def _tail(s: str) -> str:
-    """The expression after a marker: up to the end of its line and sentence, without decorations."""
-    s = s.split("\n", 1)[0]
-    end = _SENTENCE_END.search(s)
-    return (s[: end.start()] if end else s).lstrip(" \t:*").rstrip(" \t*.")  # keep `.5` whole
+def _tail(text: str, marker: re.Match, end: int) -> str:
+    """What follows a text marker (up to `end`, the next one): the rest of its line, or the next line if that
+    is empty, to the end of the sentence, without Markdown bold or \\( \\[; "" after a heading `#### Step 2`."""
+    rest = text[marker.end() : min(end, marker.end() + _MAX_ANSWER_CHARS)]
+    if marker.group() == "####" and _HEADING.match(rest):
+        return ""
+    rest = rest.lstrip(" \t*:")
+    line = rest.split("\n", 1)[0] if rest.split("\n", 1)[0].strip() else rest.lstrip().split("\n", 1)[0]
+    line = line[: stop.start()] if (stop := _SENTENCE_END.search(line)) else line
+    return re.sub(r"\\[()\[\]]", " ", line).strip(" \t*,:;")
 
 
-def _last(pattern: re.Pattern, text: str) -> re.Match | None:
-    found = None
-    for found in pattern.finditer(text):  # finditer is linear; keeping only the last match is O(1) memory
-        pass
-    return found
+def _value(answer: str) -> str:
+    """The value a sentence names ("Jane started 3 hours ago", "the largest $n$ is 34", "12 ways"): what
+    follows its last " is ", else its one math span or one number; any other answer as it is."""
+    if _WORD.search(_MATH_SPAN.sub(" ", answer)):
+        after_is, spans, numbers = answer.rsplit(" is ", 1)[-1], _MATH_SPAN.findall(answer), _LAST_NUMBER.findall(answer)
+        if " is " in answer and re.search(r"[\d$\\]", after_is):
+            return after_is.strip()
+        if len(spans) == 1 or len(numbers) == 1:
+            return spans[0] if len(spans) == 1 else numbers[0]
+    return answer
 
 
 def extract_answer(text: str) -> str | None:
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    hashes = text.rfind("####")
-    if hashes >= 0 and (ans := _tail(text[hashes + 4 :])):
-        return ans
-    if (said := _last(_ANSWER_IS, text)) and (ans := _tail(text[said.end() :])):
-        return ans
-    return number.group() if (number := _last(_LAST_NUM, text)) else None
-
-
-def _normalize(s: str) -> str:
-    s = unicodedata.normalize("NFKC", s).strip()
-    for pattern, repl in _SUBS:
-        s = pattern.sub(repl, s)
-    s = s.strip().rstrip(". ")
-    unit = _UNIT.search(s)
-    if unit and s[: unit.start()].strip():
-        s = s[: unit.start()].strip()
-    s = _WRAP.sub(r"\1", s).strip()
-    if s.count("=") <= 1 and (prefix := _PREFIX.match(s)):
-        s = s[prefix.end() :].strip()
-    if _THOUSANDS.fullmatch(s):  # only a whole answer: `(1,234)` stays a pair, `1,234` is a number
-        s = s.replace(",", "")
-    s = _SPACE.sub("", s)
-    for pattern, repl in _FIXES:
-        s = pattern.sub(repl, s)
-    return s
-
-
-def _to_number(s: str) -> Fraction | None:
-    if len(s) > _MAX_NUM_CHARS:
+    """The answer after the last final-answer marker that holds one; None when there is none."""
+    if not isinstance(text, str):
         return None
-    try:
-        if _PLAIN.fullmatch(s):
-            return Fraction(s)
-        if m := _FRAC.fullmatch(s) or _SLASH.fullmatch(s):
-            groups = m.groups()
-            value = Fraction(groups[-2]) / Fraction(groups[-1])
-            return -value if groups[0] == "-" else value
-        if m := _MIXED.fullmatch(s):
-            value = int(m[2]) + Fraction(int(m[3]), int(m[4]))
-            return -value if m[1] else value
-    except (ValueError, ZeroDivisionError, OverflowError):
-        pass
+    markers = list(deque(_MARKER.finditer(text), maxlen=_MAX_MARKERS))  # linear, keeps the last few
+    for marker, end in reversed(list(zip(markers, [m.start() for m in markers[1:]] + [len(text)]))):
+        if answer := _boxed(text, marker) if marker.group()[0] == "\\" else _tail(text, marker, end):
+            return _value(answer)
     return None
 
 
-def _num_equal(a: Fraction, b: Fraction) -> bool:
-    if a.denominator == 1 or b.denominator == 1:  # integers are exact: 1234567 != 1234568
-        return a == b
-    return abs(a - b) <= abs(b) * Fraction(1, 10**6)
+class _OutOfTime(BaseException):
+    """A BaseException, so that the `except Exception` blocks in Math-Verify and sympy let it through."""
 
 
-def _split_top(s: str, sep: str) -> list[str]:
-    """Split on `sep` outside any (), [], {} nesting (interval ends may be mixed, like `(3,4]`)."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        depth += (s[i] in "([{") - (s[i] in ")]}")
-        if depth == 0 and s.startswith(sep, i):
-            parts.append(s[start:i])
-            start = i + len(sep)
-            i = start
-            continue
-        i += 1
-    parts.append(s[start:])
-    return parts
+def _within(fn):
+    """fn(), or _OutOfTime raised in it by a watchdog thread once it used _CPU_SECONDS of CPU (so load does not
+    change verdicts) or _WALL_SECONDS: PyThreadState_SetAsyncExc, as stopit's ThreadingTimeout, works in any
+    thread and costs nothing until it fires. It lands between two bytecodes, so sympy's flags are reset."""
+    thread, lock, done, fired = threading.get_ident(), threading.Lock(), threading.Event(), []
+    clock = time.pthread_getcpuclockid(thread) if hasattr(time, "pthread_getcpuclockid") else None
+    cpu_start, wall_start = time.clock_gettime(clock) if clock else 0.0, time.perf_counter()
+
+    def watch():
+        while not done.wait(0.01):
+            try:
+                cpu = time.clock_gettime(clock) - cpu_start if clock else 0.0
+            except OSError:  # the thread has just ended
+                return
+            if cpu > _CPU_SECONDS or time.perf_counter() - wall_start > _WALL_SECONDS:
+                with lock:
+                    if not done.is_set():
+                        fired.append(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(_OutOfTime)))
+                return
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        try:
+            return fn()
+        finally:
+            with lock:
+                done.set()
+                if fired:  # cancel it, should it still be pending
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
+    except _OutOfTime:
+        from sympy.core.parameters import global_parameters
+
+        global_parameters.evaluate, global_parameters.distribute, global_parameters.exp_is_pow = True, True, False
+        raise
 
 
-def _bracketed(s: str) -> tuple[str, str, str] | None:
-    """(open, close, inner) when the whole of `s` is one bracketed group, else None."""
-    op = "\\{" if s.startswith("\\{") else s[:1]
-    cl = "\\}" if s.endswith("\\}") else s[-1:]
-    if op not in ("(", "[", "\\{") or cl not in (")", "]", "\\}") or len(s) < len(op) + len(cl):
-        return None
-    inner = s[len(op) : len(s) - len(cl)]
-    depth = 0
-    for ch in inner:  # the opening bracket must not close before the end: `(a+5)(b+2)` is no tuple
-        depth += (ch in "([{") - (ch in ")]}")
-        if depth < 0:
-            return None
-    return op, cl, inner
+@functools.lru_cache(maxsize=1)
+def _math_verify():
+    """Math-Verify's parse and verify, without their signal.alarm timeouts, imported and warmed up (ANTLR's
+    prediction cache, sympy's lazy imports) before any watchdog runs."""
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    parse = functools.partial(parse, extraction_config=[LatexExtractionConfig(boxed_match_priority=0)], parsing_timeout=None)
+    verify = functools.partial(verify, timeout_seconds=None)
+    logger, level = logging.getLogger("math_verify"), logging.getLogger("math_verify").level
+    logger.setLevel(logging.ERROR)  # its once-only warning that there is no timeout: _within is the timeout
+    try:
+        for answer in [r"\left( \frac{1}{2}, -3 \right)", r"[0,1) \cup (2,\infty)", r"x \in [-2, 7]", r"\frac{x^2}{4} + y^2/9 = 1",
+                       "(p,q) = (1,2)", r"50\%", r"90^\circ", r"\pm \sqrt{2}", r"10 \text{ cm}", r"\dfrac{\pi}{6}", "4210_5", "|x-1|",
+                       r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\sin x + \cos^2 x", r"\log_2 8", "5!", "1,234", r"\text{(A)}"]:
+            verify(parse("\\boxed{x+1}"), parse("\\boxed{" + answer + "}"))
+    finally:
+        logger.setLevel(level)
+    return parse, verify
 
 
-def _equal_lists(a: list[str], b: list[str], ordered: bool, depth: int) -> bool:
-    if len(a) != len(b) or len(a) > 1000:  # a cap on work, far above any real answer
+def _digits(expr) -> float:
+    """An upper bound on the digits of the exact numbers sympy may compute for `expr`, read off its tree."""
+    import sympy
+
+    if isinstance(expr, sympy.Rational):
+        return (abs(expr.p).bit_length() + abs(expr.q).bit_length()) * 0.302 + 1
+    if isinstance(expr, (sympy.Pow, sympy.factorial, sympy.binomial)):
+        count = expr.args[-1] if isinstance(expr, sympy.Pow) else expr.args[0]  # the exponent; n in n! and C(n, k)
+        if not count.free_symbols:
+            if _digits(count) > _MAX_DIGITS:
+                return float("inf")  # 9^(9^(9^9))
+            value = max(abs(complex(count.evalf(15))), 1)  # OverflowError past 1e308
+            return value * (_digits(expr.args[0]) if isinstance(expr, sympy.Pow) else len(str(int(value))))
+    args = list(expr) if isinstance(expr, sympy.MatrixBase) else getattr(expr, "args", ())
+    return sum(_digits(arg) for arg in args if isinstance(arg, (sympy.Basic, sympy.MatrixBase)))
+
+
+@functools.lru_cache(maxsize=4096)  # a group's responses share the gold answer and often their own
+def _parse(answer: str) -> tuple:
+    """Math-Verify's readings of an answer (sympy expressions, its normalised string), or just the answer when
+    it is long or would make sympy compute a huge exact number."""
+    if len(answer) > _MAX_PARSE_CHARS or _UNPARSABLE.search(answer):
+        return (answer,)
+    readings = _math_verify()[0]("\\boxed{" + answer + "}")
+    try:
+        return tuple(r for r in readings if isinstance(r, str) or _digits(r) <= _MAX_DIGITS) or (answer,)
+    except (TypeError, ValueError, OverflowError):  # a value that is no number (zoo), or past a float
+        return tuple(r for r in readings if isinstance(r, str)) or (answer,)
+
+
+def _equivalent(pred: str, gold) -> bool:
+    """Whether an answer equals the gold one (or a gold solution's) as a string or, in time, for Math-Verify."""
+    gold = str(gold).strip()  # str(): SVAMP stores answers as floats
+    gold = (extract_answer(gold) or "") if _MARKER.search(gold) else _value(gold)
+    pred, gold = " ".join(pred.split()), " ".join(gold.split())
+    if not pred or not gold:
         return False
-    if ordered or len(a) > 32:  # unordered matching is quadratic, so only for short lists
-        return all(_equiv(x, y, depth + 1) for x, y in zip(a, b))
-    unused = list(b)
-    for x in a:
-        hit = next((k for k, y in enumerate(unused) if _equiv(x, y, depth + 1)), None)
-        if hit is None:
-            return False
-        unused.pop(hit)
-    return True
-
-
-def _equiv(pred: str, gold: str, depth: int = 0) -> bool:
-    a, b = _normalize(pred), _normalize(gold)
-    if not a or not b:
-        return False
-    if a == b:
+    if pred == gold:
         return True
-    x, y = _to_number(a), _to_number(b)
-    if x is not None and y is not None:
-        return _num_equal(x, y)
-    if depth >= 4:  # elements nest at most a few levels deep in real answers; bounds recursion
+    verify = _math_verify()[1]  # imports and warm-up stay outside the watchdog
+    try:
+        return _within(lambda: verify(list(_parse(gold)), list(_parse(pred))))
+    except _OutOfTime:
         return False
-    ma, mb = _MATRIX.fullmatch(a), _MATRIX.fullmatch(b)
-    if ma or mb:
-        if not (ma and mb and ma[1] == mb[1]):
-            return False
-        rows_a, rows_b = _split_top(ma[2], "\\\\"), _split_top(mb[2], "\\\\")
-        return len(rows_a) == len(rows_b) and all(
-            _equal_lists(_split_top(r, "&"), _split_top(t, "&"), True, depth) for r, t in zip(rows_a, rows_b))
-    ua, ub = _split_top(a, "\\cup"), _split_top(b, "\\cup")
-    if len(ua) > 1 or len(ub) > 1:
-        return _equal_lists(ua, ub, True, depth)
-    ba, bb = _bracketed(a), _bracketed(b)
-    if ba or bb:  # tuples, intervals, sets: the bracket kinds must agree
-        if not (ba and bb and ba[:2] == bb[:2]):
-            return False
-        return _equal_lists(_split_top(ba[2], ","), _split_top(bb[2], ","), ba[0] != "\\{", depth)
-    la, lb = _split_top(a, ","), _split_top(b, ",")
-    return (len(la) > 1 or len(lb) > 1) and _equal_lists(la, lb, False, depth)
 
 
-def is_correct(response: str, gold: str) -> bool:
-    if not isinstance(response, str):  # e.g. None from a failed generation
-        return False
-    gold, pred = str(gold), extract_answer(response)  # str(): SVAMP stores float answers
-    if "####" in gold or _BOX.search(gold):  # gold given as a full worked solution
-        gold = extract_answer(gold) or ""
-    return pred is not None and _equiv(pred, gold)
+def is_correct(response: str, gold) -> bool:
+    """The training reward and the evaluation accuracy: the answer after the last final-answer marker is
+    equivalent to the gold answer (or to the final answer of a gold worked solution)."""
+    pred = extract_answer(response)
+    return pred is not None and _equivalent(pred, gold)
+
+
+def is_correct_lenient(response: str, gold) -> bool:
+    """For evaluation's lenient_accuracy only, never a reward: as is_correct, but a response without any
+    final-answer marker is judged by its last number (which pays truncated and degenerate text)."""
+    if not isinstance(response, str) or extract_answer(response) is not None:
+        return is_correct(response, gold)
+    number = deque(_LAST_NUMBER.finditer(response), maxlen=1)
+    return bool(number) and _equivalent(number[0].group(), gold)
+
 
 # ---------------------------------------------------------------------------------------------
 # Exact KL and log-probs
@@ -454,7 +508,9 @@ class _ChunkedKL(torch.autograd.Function):
         for i in range(0, hs.shape[0], chunk):
             sl = slice(i, i + chunk)
             yc = None if y is None else y[sl]
-            p, d, kl, _, _ = _chunk(hs[sl], ws, None if ht is None else ht[sl], wt, yc, v)
+            # the teacher's chunk logits only where the KL carries gradient (not for GRPO or non-violators)
+            teacher_needed = ht is not None and bool(g_kl[sl].any())
+            p, d, kl, _, _ = _chunk(hs[sl], ws, ht[sl] if teacher_needed else None, wt, yc, v)
             # dKL/dz = p * (d - KL);  d lp(y)/dz = onehot(y) - p  ->  dz = p * (gk (d - KL) - gl) + gl onehot(y)
             gz = torch.zeros_like(p) if d is None else d.sub_(kl[:, None]).mul_(g_kl[sl, None].to(p.dtype))
             if y is not None:
@@ -482,10 +538,11 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1])  # a view for contiguous inputs; vocab cut happens per chunk (no copy)
 
 
-def kl_per_token(student_logits, teacher_logits, chunk_size: int = 1024):
+def kl_per_token(student_logits, teacher_logits, chunk_size: int = 1024, vocab_size: int | None = None):
     """Exact reverse KL(p_s || p_t) per position. student_logits (..., T, V_s), teacher_logits (..., T, V_t)
-    -> (..., T) float32. Both cut to min(V_s, V_t) columns; teacher detached; chunk_size positions at a time."""
-    v = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    -> (..., T) float32. Both softmaxes over the first vocab_size columns (the tokenizer's real ids; None:
+    min(V_s, V_t)); teacher detached; chunk_size positions at a time."""
+    v = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
     kl, _, _ = _ChunkedKL.apply(_flat(student_logits), None, _flat(teacher_logits.detach()), None, None,
                                 chunk_size, v)
     return kl.reshape(student_logits.shape[:-1])
@@ -499,13 +556,15 @@ def token_logprobs(logits, tokens, chunk_size: int = 1024):
 
 
 def kl_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, tokens,
-                   chunk_size: int = 1024):
+                   chunk_size: int = 1024, vocab_size: int | None = None):
     """Exact reverse KL from final (post-norm) hidden states without materialising full logits.
     student_hidden (..., T, H_s), student_weight (V_s, H_s), teacher_hidden (..., T, H_t),
-    teacher_weight (V_t, H_t), tokens (..., T) real ids < min(V_s, V_t) (< 0: padding, ignored).
+    teacher_weight (V_t, H_t), tokens (..., T) ids < vocab_size (< 0: padding, ignored). Both softmaxes run
+    over the first vocab_size rows: the tokenizer's real ids (`len(tokenizer)`; Qwen2.5 pads its matrices to
+    151,936 / 152,064 rows for 151,665 tokens); None: min(V_s, V_t).
     Returns (kl, student_logprobs, teacher_logprobs), each (..., T) float32; gradients flow through the
     first two to student_hidden and student_weight (in their dtypes); the teacher is constant."""
-    v = min(student_weight.shape[0], teacher_weight.shape[0])
+    v = vocab_size or min(student_weight.shape[0], teacher_weight.shape[0])
     outs = _ChunkedKL.apply(_flat(student_hidden), student_weight, _flat(teacher_hidden.detach()),
                             teacher_weight.detach(), tokens.reshape(-1), chunk_size, v)
     return tuple(o.reshape(tokens.shape) for o in outs)
@@ -522,20 +581,34 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids) | {tokenizer.eos_token_id})
 
 
+def vocab_size(tokenizer, *models) -> int:
+    """The tokenizer's real ids, `len(tokenizer)`: the only ids sampled, scored and compared by the KL. Output
+    matrices may be wider (Qwen2.5-1.5B: 151,936 rows, -7B: 152,064, for 151,665 tokens); narrower is an error."""
+    size = len(tokenizer)
+    for model in models:
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < size:
+            raise SystemExit(f"{model.name_or_path}: its output layer has {rows} rows, fewer than the tokenizer's {size} tokens.")
+    return size
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, response_ids) per prompt; the response ends at its first eos (kept) or at max_new_tokens.
 
-    Sampling is from the model's plain softmax at `temperature` (0 = greedy): top-k, top-p and
-    repetition penalties from the checkpoint's generation_config are switched off, so sampled
-    responses are on-policy for the distribution that the policy gradient differentiates.
+    Sampling is from the model's plain softmax over the tokenizer's real ids at `temperature` (0 = greedy):
+    top-k, top-p and repetition penalties from the checkpoint's generation_config are switched off and
+    padding rows of a wider output matrix are suppressed, so sampled responses are on-policy for the
+    distribution that the policy gradient differentiates and the KL compares. Runs in eval mode.
     """
     from transformers import GenerationConfig
 
     eos = eos_token_ids(model, tokenizer)
     # top_k=0 and top_p=1.0 must be explicit: unset values fall back to the checkpoint's (Qwen: 20 and 0.8)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.0, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **sampling)
+    padding_rows = list(range(len(tokenizer), model.get_output_embeddings().weight.shape[0]))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.0, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                              suppress_tokens=padding_rows or None, use_cache=True, **sampling)
     was_training = model.training
     model.eval()
     pairs = []
@@ -573,22 +646,44 @@ def pad_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int, device:
 
 
 def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Final (post-norm) hidden states (B, L, H): the lm_head input, without (B, L, V) logits."""
-    return model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).last_hidden_state
+    """Final (post-norm) hidden states (N, H) at the N positions that predict a response token: the lm_head input
+    where the KL and log-probs are needed, without (B, L, V) logits (prompt positions never meet the vocabulary-wide
+    softmax) and without building a KV cache (scoring never decodes)."""
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"], use_cache=False)
+    return out.last_hidden_state[:, :-1][batch["response_mask"].bool()]
 
 
-def score(student, teacher, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token reverse KL to the teacher, student and teacher log-probs of the taken tokens, (B, L-1).
+def response_scores(student_hidden, student_weight, teacher_hidden, teacher_weight, batch: dict[str, torch.Tensor],
+                    chunk_size: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kl_from_hidden on the response positions (hidden states (N, H) from final_hidden), laid out (B, L-1) like
+    batch["response_mask"], zero elsewhere: per-token KL, student and teacher log-probs of the taken tokens."""
+    mask = batch["response_mask"].bool()
+    outs = kl_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, batch["input_ids"][:, 1:][mask], chunk_size, vocab_size)
+    return tuple(torch.zeros(mask.shape, dtype=o.dtype, device=o.device).masked_scatter(mask, o) for o in outs)
 
-    Differentiable w.r.t. the student when called with grad enabled; the teacher never is.
-    """
+
+def score(student, teacher, batch: dict[str, torch.Tensor], chunk_size: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token reverse KL to the teacher, student and teacher log-probs of the taken tokens, (B, L-1), zero off
+    the response. Differentiable w.r.t. the student when called with grad enabled; the teacher never is."""
     with torch.no_grad():
-        teacher_hidden = final_hidden(teacher, batch)[:, :-1]
-    student_hidden = final_hidden(student, batch)[:, :-1]
-    return kl_from_hidden(
-        student_hidden, student.get_output_embeddings().weight, teacher_hidden, teacher.get_output_embeddings().weight,
-        batch["input_ids"][:, 1:], chunk_size,
-    )
+        teacher_hidden = final_hidden(teacher, batch)
+    return response_scores(final_hidden(student, batch), student.get_output_embeddings().weight, teacher_hidden,
+                           teacher.get_output_embeddings().weight, batch, chunk_size, vocab_size)
+
+
+def sequence_costs(costs: torch.Tensor, mask: torch.Tensor, constraint: str) -> torch.Tensor:
+    """The constrained cost of each response (B,) from per-token costs c_t (B, T) and the response mask (B, T):
+    'sum': sum_t c_t (the paper's, nats per response); 'mean': (1/T) sum_t c_t (nats per token);
+    'prefix': max over t of (1/t) sum_{i<=t} c_i (any prefix mean above the budget violates). Differentiable."""
+    mask = mask.to(costs.dtype)
+    total = (costs * mask).sum(1)
+    if constraint == "sum":
+        return total
+    if constraint == "mean":
+        return total / mask.sum(1).clamp(min=1)
+    prefix_means = (costs * mask).cumsum(1) / mask.cumsum(1).clamp(min=1)
+    return prefix_means.masked_fill(mask == 0, float("-inf")).max(1).values.clamp(min=0)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -600,31 +695,44 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list[dict], *, max_new_tokens: int, batch_size: int, temperature: float = 0.0,
-             teacher=None, budget: float | None = None, kl_chunk_size: int = 1024, seed: int = 0, progress: bool = False) -> tuple[list[dict], dict]:
-    """Generate, grade and (with a teacher) score each response; returns per-problem records and a summary."""
+             teacher=None, budget: float | None = None, constraint: str = "mean", kl_chunk_size: int = 1024, seed: int = 0,
+             progress: bool = False) -> tuple[list[dict], dict]:
+    """Generate (greedy, or sampled at `temperature`), grade and, with a teacher, score each response: its mean
+    per-token KL and its cost under `constraint` (the training scripts' `sequence_costs`). Returns per-problem
+    records and a summary (accuracy; with a teacher mean KL, mean cost, cost quantiles and CSR at `budget`)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     prompts = [render_prompt(tokenizer, p["question"]) for p in problems]
+    vocab = vocab_size(tokenizer, model, *([teacher] if teacher is not None else []))
     records = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="eval", disable=not progress, leave=False):
         pairs = generate(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, batch_size)
-        mean_kls = [None] * len(pairs)
+        mean_kls = costs = [None] * len(pairs)
         if teacher is not None:
             batch = pad_sequences(pairs, tokenizer.pad_token_id, model.device)
-            kl = score(model, teacher, batch, kl_chunk_size)[0]
+            was_training = model.training
+            model.eval()
+            kl = score(model, teacher, batch, kl_chunk_size, vocab)[0]
+            model.train(was_training)
             mean_kls = masked_mean(kl, batch["response_mask"], dim=1).tolist()
-        for problem, prompt, (_, response_ids), mean_kl in zip(problems[i : i + batch_size], prompts[i : i + batch_size], pairs, mean_kls):
+            costs = sequence_costs(kl, batch["response_mask"], constraint).tolist()
+        for problem, prompt, (_, response_ids), mean_kl, cost in zip(problems[i : i + batch_size], prompts[i : i + batch_size], pairs, mean_kls, costs):
             response = tokenizer.decode(response_ids, skip_special_tokens=True)
             records.append(dict(prompt=prompt, response=response, extracted=extract_answer(response), gold=problem["answer"],
-                                correct=is_correct(response, problem["answer"]), mean_kl=mean_kl, response_tokens=len(response_ids)))
+                                correct=is_correct(response, problem["answer"]), lenient_correct=is_correct_lenient(response, problem["answer"]),
+                                mean_kl=mean_kl, cost=cost, response_tokens=len(response_ids)))
+    if not records:
+        return records, dict(n=0)
     summary = dict(n=len(records), accuracy=float(np.mean([r["correct"] for r in records])),
+                   lenient_accuracy=float(np.mean([r["lenient_correct"] for r in records])),  # never a reward (is_correct_lenient)
                    mean_response_tokens=float(np.mean([r["response_tokens"] for r in records])))
     if teacher is not None:
-        kls = np.array([r["mean_kl"] for r in records])
-        summary.update(mean_kl=float(kls.mean()), max_kl=float(kls.max()), budget=budget)
+        kls, costs = np.array([r["mean_kl"] for r in records]), np.array([r["cost"] for r in records])
+        summary.update(mean_kl=float(kls.mean()), max_kl=float(kls.max()), constraint=constraint, mean_cost=float(costs.mean()),
+                       **{f"cost_p{q}": float(np.quantile(costs, q / 100)) for q in (50, 90, 95)}, budget=budget)
         if budget is not None:
-            summary["csr"] = float((kls <= budget).mean())
+            summary["csr"] = float((costs <= budget).mean())
     return records, summary
 
 
@@ -698,3 +806,200 @@ def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict, args) -> 
 def load_trainer_state(path: Path) -> dict:
     """Optimizer state, step and RNG states; weights_only so that no pickled code runs."""
     return torch.load(Path(path) / "trainer_state.pt", weights_only=True, map_location="cpu")
+
+
+class RunLogger:
+    """One record per log step to metrics.jsonl, the same keys as TensorBoard scalars (event files beside it, when
+    tensorboard is installed) and to Weights & Biases with --track (imported only then). Rank 0 only."""
+
+    def __init__(self, run_dir: Path, args, resume_step: int | None = None):
+        self.path, self.tensorboard, self.wandb = run_dir / "metrics.jsonl", None, None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("tensorboard is not installed, so metrics go to metrics.jsonl only (pip install tensorboard==2.21.0)")
+        else:  # purge_step: a resumed run hides the events logged after its checkpoint, as metrics.jsonl drops them
+            self.tensorboard = SummaryWriter(str(run_dir), purge_step=resume_step)
+        if getattr(args, "track", False):
+            import wandb
+
+            # one W&B run per run folder: a resume continues it (the id is the folder name, made W&B-safe)
+            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, dir=str(run_dir),
+                                    id=re.sub(r"[^\w-]", "-", run_dir.name), resume="allow", config=asdict(args))
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("warmup/step")
+            self.wandb.define_metric("warmup/*", step_metric="warmup/step")
+            for prefix in ("train", "losses", "dual", "eval", "perf"):
+                self.wandb.define_metric(f"{prefix}/*", step_metric="step")
+
+    def log(self, record: dict) -> None:
+        """record: {"step": int, "train/reward": float, ...} (or {"warmup/step": int, "warmup/loss": float})."""
+        append_jsonl(self.path, record)
+        step = record.get("step", record.get("warmup/step"))
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "warmup/step") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training plumbing shared by both scripts: dropout, seeds, data parallelism, diagnostics, KD warm-up
+# ---------------------------------------------------------------------------------------------
+
+
+def disable_dropout(model) -> None:
+    """Zero every dropout, so the update's forward scores the policy that sampled (as TRL's GRPO does)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):  # Llama/Qwen attention applies dropout functionally
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, step, chunk, ...): sampling depends on the generation chunk, not on the process."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+_DIST_DEVICE: torch.device | None = None  # where collectives run: cuda:LOCAL_RANK for nccl, cpu for gloo
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: nccl on CUDA, one GPU
+    per process (cuda:LOCAL_RANK); gloo on CPU. A plain `python script.py` run is rank 0 of 1 and never touches
+    torch.distributed."""
+    global _DIST_DEVICE
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = resolve_device(device)
+    if world_size == 1:
+        return 0, 1, resolved
+    import torch.distributed as dist
+
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(resolved)
+    dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+    _DIST_DEVICE = resolved
+    return dist.get_rank(), world_size, resolved
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over ranks (x itself in a single process); returned on x's device."""
+    if _DIST_DEVICE is None:
+        return x
+    import torch.distributed as dist
+
+    y = x.detach().to(_DIST_DEVICE).clone()
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks, in rank order, along dim 0 (same shape on every rank); x in a single process."""
+    if _DIST_DEVICE is None:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x, device=_DIST_DEVICE) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().to(_DIST_DEVICE).contiguous())
+    return torch.cat(parts).to(x.device)
+
+
+def sync_gradients(model) -> None:
+    """Sum each gradient over ranks. Every rank normalises its loss by the global token and response counts, so
+    the sum is the gradient of the whole batch's loss, the same as one process on the whole batch (explicit
+    all-reduce as in CleanRL's multi-GPU PPO; DDP's hooks would not see the calls that bypass forward())."""
+    if _DIST_DEVICE is None:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+
+
+def barrier() -> None:
+    if _DIST_DEVICE is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def gradient_diagnostics(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
+    """What drives an update: the gradient norm of each of two loss terms on one micro-batch, and the cosine of
+    their sum with each (a term that swamps the other shows as a cosine near 1). Leaves .grad untouched; holds
+    two gradient copies while it runs."""
+    (name_a, loss_a), (name_b, loss_b) = terms.items()
+    grads = []
+    for loss in (loss_a, loss_b):
+        if loss.requires_grad:
+            g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            grads.append([torch.zeros_like(p) if x is None else x.float() for x, p in zip(g, params)])
+        else:
+            grads.append([torch.zeros_like(p, dtype=torch.float32) for p in params])
+    def dot(u, v):
+        return sum((x * y).sum() for x, y in zip(u, v)).item()
+
+    aa, bb, ab = dot(grads[0], grads[0]), dot(grads[1], grads[1]), dot(grads[0], grads[1])
+    total = max(aa + bb + 2 * ab, 0.0) ** 0.5  # norm of the sum, from the three dot products
+    return {f"losses/{name_a}_grad_norm": aa ** 0.5, f"losses/{name_b}_grad_norm": bb ** 0.5,
+            f"losses/cos_total_{name_a}": (aa + ab) / max(total * aa ** 0.5, 1e-30),
+            f"losses/cos_total_{name_b}": (bb + ab) / max(total * bb ** 0.5, 1e-30)}
+
+
+def token_logprobs_from_hidden(hidden, weight, tokens, chunk_size: int = 1024, vocab_size: int | None = None):
+    """log pi(tokens) (..., T) float32 from final hidden states (..., T, H) and the output matrix (V, H), over
+    the first vocab_size rows, a chunk at a time (no full logits); differentiable; tokens < 0 give 0."""
+    v = vocab_size or weight.shape[0]
+    _, lp, _ = _ChunkedKL.apply(_flat(hidden), weight, None, None, tokens.reshape(-1), chunk_size, v)
+    return lp.reshape(tokens.shape)
+
+
+def offpolicy_kd_warmup(student, teacher, tokenizer, problems: list[dict], *, steps: int, prompts_per_step: int, group_size: int,
+                        micro_batch_size: int, learning_rate: float, max_new_tokens: int, max_grad_norm: float, kl_chunk_size: int,
+                        seed: int, autocast, rank: int = 0, world_size: int = 1, log=None) -> None:
+    """Off-policy KD warm-up before the RL loop (METHOD.md 1: for students that start near zero reward): `steps`
+    AdamW steps of supervised training on the teacher's own responses, sampled at temperature 1, to training
+    prompts. loss = -1/|tokens| sum_t log pi_theta(y_t|s_t) over teacher tokens (the forward KL to the teacher,
+    in expectation). Each step: prompts_per_step prompts x group_size teacher samples, split across ranks like
+    the RL batch. Its own optimizer: the RL loop starts with fresh AdamW moments. log(record) gets each step's loss."""
+    optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=0.0)
+    vocab = vocab_size(tokenizer, student, teacher)
+    per_rank = prompts_per_step // world_size
+    for step in range(steps):
+        chosen = np.random.default_rng([seed, step, 1]).choice(len(problems), prompts_per_step, replace=len(problems) < prompts_per_step)
+        prompts = [render_prompt(tokenizer, problems[i]["question"]) for i in chosen[rank * per_rank : (rank + 1) * per_rank] for _ in range(group_size)]
+        pairs = []
+        first_chunk = rank * len(prompts) // micro_batch_size
+        with autocast():
+            for j in range(0, len(prompts), micro_batch_size):
+                torch.manual_seed(derive_seed(seed, step, first_chunk + j // micro_batch_size, 1))
+                pairs += generate(teacher, tokenizer, prompts[j : j + micro_batch_size], max_new_tokens, 1.0, micro_batch_size)
+        num_tokens = all_reduce(torch.tensor(float(sum(len(r) for _, r in pairs)))).item()
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        student.train()
+        for j in range(0, len(pairs), micro_batch_size):
+            mb = pad_sequences(pairs[j : j + micro_batch_size], tokenizer.pad_token_id, student.device)
+            with autocast():
+                logprobs = token_logprobs_from_hidden(final_hidden(student, mb), student.get_output_embeddings().weight,
+                                                      mb["input_ids"][:, 1:][mb["response_mask"].bool()], kl_chunk_size, vocab)  # (n,)
+            loss = -logprobs.sum() / max(num_tokens, 1)
+            loss.backward()
+            total += loss.item()
+        sync_gradients(student)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+        optimizer.step()
+        loss = all_reduce(torch.tensor(total)).item()
+        if log is not None:
+            log({"warmup/step": step + 1, "warmup/loss": loss, "warmup/response_tokens": num_tokens / (prompts_per_step * group_size)})

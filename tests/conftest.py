@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny toy build (seconds) whose tokenizer, models and data stand in for real ones."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,7 @@ def tiny_run_args(script: str, toy: Path, out: Path, *extra: str) -> list[str]:
             "--dataset", str(toy / "train.jsonl"), "--eval-dataset", str(toy / "test.jsonl"),
             "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--max-new-tokens", "12",
             "--eval-limit", "4", "--output-dir", str(out), "--budget", "0.0001", "--learning-rate", "1e-2", *extra]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""cmdp_distill.py: the method's pure functions against hand-computed values, and the script end to end."""
+"""cmdp_distill.py: the paper's reward and loss terms against hand-computed values, and the script end to end."""
 
 import json
 import math
@@ -7,16 +7,20 @@ import pytest
 import torch
 
 import cmdp_distill as cmdp
-from conftest import run_script
+from conftest import read_metrics, run_script
 from conftest import tiny_run_args as conftest_tiny_run_args
 
 
-def test_modified_reward_matches_its_definition():
+def test_modified_reward_is_the_papers():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
     costs = torch.tensor([0.01, 0.02, 0.06, 0.5, 0.05])  # the last sits exactly on the budget: satisfied
-    assert cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=1.0).tolist() == [1.0, 0.0, -1.0, -1.0, 1.0]
-    assert cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=0.0).tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    # R~ = R within the budget, -(n + phi(y)) outside it, phi(y) = the response's cost
+    assert torch.allclose(cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=20.0), torch.tensor([1.0, 0.0, -20.06, -20.5, 1.0]))
+    assert torch.allclose(cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=0.0), torch.tensor([1.0, 0.0, -0.06, -0.5, 1.0]))
     assert cmdp.modified_rewards(rewards, costs, budget=1.0, penalty=3.0).tolist() == rewards.tolist()
+    # a violator is always worse than any satisfying response, and a larger violation is worse still
+    shaped = cmdp.modified_rewards(rewards, costs, 0.05, 20.0)
+    assert shaped[2] > shaped[3] and shaped[2:4].max() < shaped[[0, 1, 4]].min()
 
 
 def test_group_advantages_hand_computed():
@@ -26,14 +30,6 @@ def test_group_advantages_hand_computed():
     expected = torch.tensor([1.0, 0.0, -1.0, 0.0]) / (std + 1e-6)
     assert torch.allclose(cmdp.group_advantages(rewards, 4, norm_std=True)[:4], expected)
     assert (cmdp.group_advantages(rewards, 4, norm_std=True)[4:] == 0).all()  # identical rewards: no signal
-
-
-def test_sequence_costs_mean_and_prefix():
-    costs = torch.tensor([[0.0, 0.3, 0.0, 0.0, 9.9], [0.1, 0.1, 0.1, 0.1, 0.1]])
-    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])  # padding after 4 tokens must be ignored
-    assert torch.allclose(cmdp.sequence_costs(costs, mask, "mean"), torch.tensor([0.075, 0.1]))
-    # prefix means of row 0: 0, 0.15, 0.1, 0.075 -> worst 0.15
-    assert torch.allclose(cmdp.sequence_costs(costs, mask, "prefix"), torch.tensor([0.15, 0.1]))
 
 
 def test_token_cost_estimators():
@@ -69,17 +65,45 @@ def test_policy_loss_gradient_matches_naive_reinforce():
     assert torch.all(grad2[2] == 0)  # advantage > 0 and ratio e > 1.2: every token of row 2 clipped
 
 
-def test_violator_kl_term_only_sees_violators():
-    kl = torch.tensor([[0.1, 0.3, 9.0], [0.5, 0.5, 0.5], [2.0, 0.0, 0.0]], requires_grad=True)
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
-    weights = cmdp.violator_kl_weights(torch.tensor([True, False, True]), coef=0.5)
-    assert weights.tolist() == [0.25, 0.0, 0.25]
-    loss = cmdp.kl_penalty_loss(kl, mask, weights)
-    assert torch.allclose(loss, torch.tensor(0.5 * (0.2 + 2.0) / 2))  # beta_v * mean KLbar over violators
+def test_explicit_term_weighs_each_violator_one_over_b():
+    phi = torch.tensor([0.2, 0.01, 0.5, 0.03], requires_grad=True)
+    violated = torch.tensor([True, False, True, False])
+    loss = cmdp.explicit_cost_loss(phi, violated, batch_size=8, coef=0.5)  # this micro-batch holds 4 of B = 8 responses
+    assert torch.allclose(loss, torch.tensor(0.5 * (0.2 + 0.5) / 8))
     loss.backward()
-    assert torch.all(kl.grad[1] == 0) and kl.grad[0, 2] == 0  # non-violator and padding get no gradient
-    assert torch.allclose(kl.grad[0, :2], torch.tensor([0.125, 0.125]))
-    assert cmdp.violator_kl_weights(torch.zeros(3, dtype=torch.bool), 0.5).sum() == 0
+    assert phi.grad.tolist() == [0.5 / 8, 0.0, 0.5 / 8, 0.0]  # violators only, 1/B each
+    # it fades as violations become rare: one violator pulls with 1/B, not with the whole weight
+    one = torch.tensor([0.2, 0.01, 0.01, 0.01], requires_grad=True)
+    cmdp.explicit_cost_loss(one, torch.tensor([True, False, False, False]), batch_size=8, coef=1.0).backward()
+    assert one.grad[0] == 1 / 8 and one.grad[1:].abs().sum() == 0
+    assert cmdp.explicit_cost_loss(phi, torch.zeros(4, dtype=torch.bool), 8, 1.0) == 0
+
+
+def test_total_gradient_is_the_derivative_of_the_modified_objective():
+    """On a one-step problem with every response enumerated, the two loss terms give -grad J_n exactly:
+    J_n(theta) = sum_y pi(y) R~(y), R~(y) = -(n + phi_theta(y)) for violators; (I) is sum_y grad pi(y) R~(y)
+    (the likelihood ratio with R~ detached) and (II) is -sum_{y violating} pi(y) grad phi_theta(y)."""
+    torch.manual_seed(0)
+    theta = torch.randn(4, requires_grad=True)  # logits of 4 one-token responses
+    cost_scale = torch.tensor(0.3, requires_grad=True)  # phi depends on the parameters too
+    rewards, base_costs, budget, n = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0.01, 0.2, 0.5, 0.02]), 0.05, 20.0
+
+    def objective():
+        pi = torch.softmax(theta, 0)
+        phi = base_costs * cost_scale / 0.3
+        shaped = torch.where(phi <= budget, rewards, -(n + phi))
+        return (pi * shaped).sum()
+
+    exact = torch.autograd.grad(-objective(), (theta, cost_scale))
+    pi = torch.softmax(theta, 0)
+    phi = base_costs * cost_scale / 0.3
+    violated = phi.detach() > budget
+    shaped = cmdp.modified_rewards(rewards, phi.detach(), budget, n)
+    term_one = -(pi * shaped).sum()  # the expectation of -A log pi without a baseline: -sum_y pi(y) R~(y), R~ detached
+    term_two = (pi.detach() * phi * violated).sum()  # each violator weighted by its probability (1/B per sample)
+    got = torch.autograd.grad(term_one + term_two, (theta, cost_scale))
+    for a, b in zip(got, exact):
+        torch.testing.assert_close(a, b)
 
 
 def test_batch_indices_cover_each_epoch_once_and_are_reproducible():
@@ -93,21 +117,22 @@ def tiny_run_args(toy, out, *extra):
     return conftest_tiny_run_args("cmdp_distill.py", toy, out, *extra)
 
 
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_help_exits_zero(tmp_path):
+def test_help_shows_the_papers_flags(tmp_path):
     proc = run_script("cmdp_distill.py", "--help", cwd=tmp_path)
-    assert proc.returncode == 0 and "--budget" in proc.stdout and "--violator-kl-coef" in proc.stdout
+    assert proc.returncode == 0
+    for flag in ("--budget", "--penalty", "--explicit-coef", "--constraint", "{sum,mean,prefix}", "--warmup-steps",
+                 "--diagnostic-interval", "--track", "--learning-rate"):
+        assert flag in proc.stdout, flag
+    assert "default: 20.0" in proc.stdout  # n = 20, the paper's penalty
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--budget", "0"], "--budget must be > 0"),
     (["--budget", "-0.1"], "--budget must be > 0"),
-    (["--penalty", "-1"], "--penalty and --violator-kl-coef must be >= 0"),
+    (["--penalty", "-1"], "--penalty and --explicit-coef must be >= 0"),
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--prompts-per-step", "3", "--group-size", "4", "--micro-batch-size", "8"], "must divide"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--student", "/no/such/model"], "does not exist"),
     (["--dataset", "/no/such/file.jsonl"], "neither a known name"),
     (["--resume", "/no/such/checkpoint"], "not a checkpoint folder"),
@@ -135,20 +160,23 @@ def test_tokenizer_mismatch_is_rejected(tiny_toy, tmp_path):
 
 
 def test_two_steps_end_to_end(tiny_toy, tmp_path):
-    proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--save-interval", "1"), cwd=tmp_path)
+    proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--save-interval", "1", "--diagnostic-interval", "1"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["args"]["budget"] == 0.0001 and config["args"]["num_steps"] == 2 and "torch" in config
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2]
-    for key in ("train/reward", "train/modified_reward", "train/accuracy", "train/mean_kl", "train/csr", "train/response_tokens",
-                "losses/policy_loss", "losses/kl_loss", "losses/grad_norm", "perf/tokens_per_s", "perf/generate_s",
+    for key in ("train/reward", "train/modified_reward", "train/mean_kl", "train/cost", "train/csr", "train/response_tokens",
+                "losses/policy_loss", "losses/kl_loss", "losses/grad_norm", "losses/pg_grad_norm", "losses/kl_grad_norm",
+                "losses/cos_total_pg", "losses/cos_total_kl", "perf/tokens_per_s", "perf/generate_s",
                 "perf/score_s", "perf/update_s", "eval/accuracy", "eval/mean_kl", "eval/csr"):
         assert math.isfinite(records[2][key]), key
-    assert records[1]["train/mean_kl"] > 0.0001  # the tiny student violates the tiny budget ...
-    assert records[1]["losses/kl_loss"] > 0  # ... so the KL feedback on violators is active
-    assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 2 * 4
+    assert records[1]["train/mean_kl"] > 0.0001 and records[1]["train/csr"] == 0  # the tiny student violates the tiny budget ...
+    assert records[1]["train/modified_reward"] < -20  # ... so every response gets -(n + phi)
+    assert records[1]["losses/kl_loss"] == pytest.approx(records[1]["train/cost"], rel=1e-4)  # (II): 1/B sum of phi, all violate
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 4 and all(s["modified_reward"] == pytest.approx(-(20 + s["cost"])) for s in samples)
     import common
 
     for step in (1, 2):
@@ -156,6 +184,23 @@ def test_two_steps_end_to_end(tiny_toy, tmp_path):
         assert model.config.model_type == "llama"
     assert common.load_trainer_state(run_dir / "checkpoint-2")["step"] == 2
     assert not list(run_dir.glob("*.tmp"))
+
+
+def test_the_enforced_constraint_decides_cost_and_csr(tiny_toy, tmp_path):
+    costs = {}
+    for constraint in ("sum", "mean", "prefix"):
+        proc = run_script(*tiny_run_args(tiny_toy, tmp_path / constraint, "--num-steps", "1", "--eval-interval", "0",
+                                         "--constraint", constraint, "--budget", "0.05"), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run_dir,) = (tmp_path / constraint).iterdir()
+        record = read_metrics(run_dir)[1]
+        samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        costs[constraint] = record["train/cost"]
+        for s in samples:  # each response's reward follows the enforced cost
+            assert s["modified_reward"] == pytest.approx(-(20 + s["cost"]) if s["cost"] > 0.05 else s["reward"])
+    assert costs["mean"] == pytest.approx(read_metrics(next((tmp_path / "mean").iterdir()))[1]["train/mean_kl"], rel=1e-5)
+    assert costs["sum"] > 5 * costs["mean"]  # responses of ~12 tokens: the total is ~12x the mean
+    assert costs["prefix"] >= costs["mean"] - 1e-6  # the worst prefix mean is at least the full mean
 
 
 def test_resume_continues_exactly(tiny_toy, tmp_path):
@@ -176,3 +221,33 @@ def test_resume_continues_exactly(tiny_toy, tmp_path):
     steps_a = [(r["step"], r.get("train/reward"), r.get("train/mean_kl")) for r in read_metrics(run_a)]
     steps_b = [(r["step"], r.get("train/reward"), r.get("train/mean_kl")) for r in read_metrics(run_b)]
     assert steps_a == steps_b  # same trajectory, each step logged once
+
+
+def test_resume_refuses_a_changed_batch_and_takes_the_requested_learning_rate(tiny_toy, tmp_path):
+    import common
+
+    first = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "1", "--eval-interval", "0"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    checkpoint = str(run_dir / "checkpoint-1")
+    for flags, name in ((["--seed", "2"], "--seed"), (["--group-size", "2", "--micro-batch-size", "4"], "--group-size"),
+                        (["--prompts-per-step", "4"], "--prompts-per-step")):
+        proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--resume", checkpoint, *flags), cwd=tmp_path)
+        assert proc.returncode != 0 and f"the checkpoint was trained with {name}" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--eval-interval", "0", "--resume", checkpoint,
+                                     "--learning-rate", "0.005"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resume: learning rate 0.005 (the checkpoint ran at 0.01)" in proc.stdout
+    state = common.load_trainer_state(run_dir / "checkpoint-2")
+    assert all(group["lr"] == 0.005 for group in state["optimizer"]["param_groups"])
+
+
+def test_offpolicy_kd_warmup_runs_before_rl(tiny_toy, tmp_path):
+    proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "1", "--eval-interval", "0", "--warmup-steps", "3",
+                                     "--warmup-learning-rate", "0.01"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    records = read_metrics(run_dir)
+    warmup = [r for r in records if "warmup/step" in r]
+    assert [r["warmup/step"] for r in warmup] == [1, 2, 3] and all(math.isfinite(r["warmup/loss"]) for r in warmup)
+    assert [r["step"] for r in records if "step" in r] == [0, 1]  # the RL steps follow

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,10 +76,11 @@ def test_padding_and_batching_do_not_change_kl_or_logprobs(tiny_toy):
     pairs = common.generate(student, tokenizer, prompts, max_new_tokens=10, temperature=1.0, batch_size=6)
     assert len({len(p) for p, _ in pairs}) > 1  # prompts of different lengths: real left padding
     batch = common.pad_sequences(pairs, tokenizer.pad_token_id, CPU)
-    kl, logprobs, teacher_logprobs = common.score(student, teacher, batch, chunk_size=7)
+    vocab = len(tokenizer)
+    kl, logprobs, teacher_logprobs = common.score(student, teacher, batch, chunk_size=7, vocab_size=vocab)
     for i, pair in enumerate(pairs):  # each sequence alone, unpadded
         single = common.pad_sequences([pair], tokenizer.pad_token_id, CPU)
-        kl1, lp1, tlp1 = common.score(student, teacher, single, chunk_size=1024)
+        kl1, lp1, tlp1 = common.score(student, teacher, single, chunk_size=1024, vocab_size=vocab)
         n = len(pair[1])
         rows = batch["response_mask"][i].bool()
         assert rows.sum() == n == single["response_mask"].sum()
@@ -116,7 +118,7 @@ def test_checkpoint_save_is_atomic_and_reloads(tiny_toy, tmp_path):
 
     tokenizer = common.load_tokenizer(str(tiny_toy / "student"))
     model = common.load_model(str(tiny_toy / "student"), CPU, torch.float32)
-    state = {"step": 7, "torch_rng": torch.get_rng_state()}
+    state = {"step": 7, "optimizer": {"state": {}, "param_groups": []}}
     path = tmp_path / "checkpoint-7"
     common.save_checkpoint(path, model, tokenizer, state, Args())
     common.save_checkpoint(path, model, tokenizer, state, Args(lr=0.2))  # overwriting an existing one works too
@@ -132,3 +134,143 @@ def test_truncate_jsonl_keeps_steps_up_to_the_checkpoint(tmp_path):
     common.append_jsonl(path, [{"step": s} for s in range(6)])
     common.truncate_jsonl(path, 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_scoring_builds_no_kv_cache_and_generation_does(tiny_toy):
+    """Scoring runs one forward over whole sequences: a KV cache there is memory for nothing."""
+    tokenizer = common.load_tokenizer(str(tiny_toy / "student"))
+    model = common.load_model(str(tiny_toy / "student"), CPU, torch.float32)
+    seen = []
+    decoder = model.get_decoder()
+    original = decoder.forward
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append((kwargs.get("use_cache"), getattr(out, "past_key_values", None)))
+        return out
+
+    decoder.forward = spy
+    problems = common.load_problems(str(tiny_toy / "test.jsonl"))[:2]
+    pairs = common.generate(model, tokenizer, [common.render_prompt(tokenizer, p["question"]) for p in problems], 4, 1.0, 2)
+    assert any(cache is not None for _, cache in seen)  # decoding does use one
+    seen.clear()
+    batch = common.pad_sequences(pairs, tokenizer.pad_token_id, CPU)
+    common.score(model, model, batch, chunk_size=16, vocab_size=len(tokenizer))
+    assert seen and all(flag is False and cache is None for flag, cache in seen)
+
+
+def test_generation_never_samples_padding_rows_of_a_wider_matrix(tiny_toy):
+    """Qwen2.5's output matrix has more rows than its tokenizer has ids: those rows are never sampled or compared."""
+    tokenizer = common.load_tokenizer(str(tiny_toy / "student"))
+    model = common.load_model(str(tiny_toy / "student"), CPU, torch.float32)
+    real = len(tokenizer)
+    model.resize_token_embeddings(real + 40)
+    with torch.no_grad():  # make the padding rows overwhelmingly likely if they were allowed
+        model.get_output_embeddings().weight[real:] = 50 * model.get_decoder().norm.weight / model.get_decoder().norm.weight.norm()
+    prompts = [common.render_prompt(tokenizer, p["question"]) for p in common.load_problems(str(tiny_toy / "test.jsonl"))[:4]]
+    torch.manual_seed(0)
+    pairs = common.generate(model, tokenizer, prompts, 6, 1.0, batch_size=4)
+    assert all(t < real for _, response in pairs for t in response)
+    assert common.vocab_size(tokenizer, model) == real
+    with pytest.raises(SystemExit, match="fewer than the tokenizer"):
+        model.resize_token_embeddings(real - 1)
+        common.vocab_size(tokenizer, model)
+
+
+def test_sequence_costs_sum_mean_and_prefix():
+    costs = torch.tensor([[0.0, 0.3, 0.0, 0.0, 9.9], [0.1, 0.1, 0.1, 0.1, 0.1]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])  # padding after 4 tokens must be ignored
+    assert torch.allclose(common.sequence_costs(costs, mask, "sum"), torch.tensor([0.3, 0.5]))
+    assert torch.allclose(common.sequence_costs(costs, mask, "mean"), torch.tensor([0.075, 0.1]))
+    # prefix means of row 0: 0, 0.15, 0.1, 0.075 -> worst 0.15
+    assert torch.allclose(common.sequence_costs(costs, mask, "prefix"), torch.tensor([0.15, 0.1]))
+    grad_in = costs.clone().requires_grad_()
+    common.sequence_costs(grad_in, mask, "mean").sum().backward()  # phi is differentiable (term II of the loss)
+    assert torch.allclose(grad_in.grad, mask / mask.sum(1, keepdim=True))
+
+
+def test_gradient_diagnostics_norms_and_cosines():
+    w = torch.zeros(3, requires_grad=True)
+    a, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])
+    out = common.gradient_diagnostics({"pg": (a * w).sum(), "kl": (b * w).sum()}, [w])
+    assert out["losses/pg_grad_norm"] == pytest.approx(3.0) and out["losses/kl_grad_norm"] == pytest.approx(4.0)
+    assert out["losses/cos_total_pg"] == pytest.approx(3 / 5) and out["losses/cos_total_kl"] == pytest.approx(4 / 5)
+    assert w.grad is None  # .grad untouched: the update's own backward comes after
+    out = common.gradient_diagnostics({"pg": (a * w).sum(), "kl": torch.tensor(0.0)}, [w])  # a term without gradient
+    assert out["losses/kl_grad_norm"] == 0 and out["losses/cos_total_pg"] == pytest.approx(1.0)
+
+
+def test_disable_dropout_and_derived_seeds(tiny_toy):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, attention_dropout=0.5))
+    common.disable_dropout(model)
+    model.train()
+    x = torch.randint(0, 20, (2, 7))
+    assert torch.equal(model(x).logits, model(x).logits)  # train mode, yet deterministic
+    assert common.derive_seed(1, 2, 3) == common.derive_seed(1, 2, 3) != common.derive_seed(1, 2, 4)
+    assert 0 <= common.derive_seed(2**40, 7) < 2**63
+
+
+def test_run_logger_writes_jsonl_and_tensorboard(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Args:
+        track: bool = False
+
+    logger = common.RunLogger(tmp_path, Args())
+    logger.log({"warmup/step": 1, "warmup/loss": 2.0})
+    logger.log({"step": 0, "eval/accuracy": 0.5})
+    logger.log({"step": 1, "train/reward": 0.25, "losses/kl_loss": 0.125})
+    logger.close()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][2] == {"step": 1, "train/reward": 0.25, "losses/kl_loss": 0.125}
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="tensorboard is optional (pip install tensorboard==2.21.0)")
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"warmup/loss", "eval/accuracy", "train/reward", "losses/kl_loss"}
+    assert [(e.step, e.value) for e in events.Scalars("train/reward")] == [(1, 0.25)]
+
+
+def test_evaluate_scores_each_response_under_the_constraint(tiny_toy):
+    tokenizer = common.load_tokenizer(str(tiny_toy / "student"))
+    student = common.load_model(str(tiny_toy / "student"), CPU, torch.float32)
+    teacher = common.load_model(str(tiny_toy / "teacher"), CPU, torch.float32)
+    problems = common.load_problems(str(tiny_toy / "test.jsonl"))[:5]
+    out = {c: common.evaluate(student, tokenizer, problems, max_new_tokens=8, batch_size=5, teacher=teacher, budget=0.01, constraint=c)
+           for c in ("sum", "mean")}
+    for r_sum, r_mean in zip(out["sum"][0], out["mean"][0]):
+        assert r_mean["cost"] == pytest.approx(r_mean["mean_kl"]) and r_sum["cost"] == pytest.approx(r_mean["mean_kl"] * r_mean["response_tokens"], rel=1e-4)
+    summary = out["sum"][1]
+    assert summary["csr"] == np.mean([r["cost"] <= 0.01 for r in out["sum"][0]]) and summary["constraint"] == "sum"
+    assert summary["cost_p50"] <= summary["cost_p90"] <= summary["cost_p95"] <= max(r["cost"] for r in out["sum"][0])
+
+
+def test_offpolicy_kd_warmup_moves_the_student_towards_the_teachers_samples(tiny_toy):
+    import functools
+
+    tokenizer = common.load_tokenizer(str(tiny_toy / "student"))
+    student = common.load_model(str(tiny_toy / "student"), CPU, torch.float32)
+    teacher = common.load_model(str(tiny_toy / "teacher"), CPU, torch.float32).eval()
+    with torch.no_grad():  # the tiny teacher is near-uniform: sharpen it, so that its samples have a pattern to learn
+        teacher.get_output_embeddings().weight.mul_(30)
+    problems = common.load_problems(str(tiny_toy / "train.jsonl"))
+    prompts = [common.render_prompt(tokenizer, p["question"]) for p in problems[:8]]
+    torch.manual_seed(0)
+    batch = common.pad_sequences(common.generate(teacher, tokenizer, prompts, 12, 1.0, 8), tokenizer.pad_token_id, CPU)
+
+    def teacher_sample_logprob():  # mean log-prob of held teacher samples under the student
+        with torch.no_grad():
+            lp = common.token_logprobs_from_hidden(common.final_hidden(student, batch), student.get_output_embeddings().weight,
+                                                   batch["input_ids"][:, 1:][batch["response_mask"].bool()], 64, len(tokenizer))
+        return lp.mean().item()
+
+    before = teacher_sample_logprob()
+    records = []
+    common.offpolicy_kd_warmup(student, teacher, tokenizer, problems, steps=5, prompts_per_step=4, group_size=2, micro_batch_size=4,
+                               learning_rate=1e-2, max_new_tokens=12, max_grad_norm=1.0, kl_chunk_size=64, seed=0,
+                               autocast=functools.partial(torch.autocast, "cpu", enabled=False), log=records.append)
+    assert [r["warmup/step"] for r in records] == [1, 2, 3, 4, 5]
+    assert teacher_sample_logprob() > before + 0.05

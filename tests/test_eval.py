@@ -1,10 +1,13 @@
 """eval_math.py end to end on the tiny toy models, and its input checks."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def test_help_exits_zero(tmp_path):
@@ -27,6 +30,7 @@ def test_eval_end_to_end_with_teacher(tiny_toy, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert len(records) == 3 and summary["n"] == 3
     assert [r["gold"] for r in records] == ["5", "5", "5"]
+    assert [r["question"] for r in records] == [row.get("question") or row["problem"] for row in rows]  # what --compare matches on
     for r in records:
         assert set(r) >= {"prompt", "response", "extracted", "gold", "correct", "mean_kl"}
         assert r["prompt"].startswith("Question: ") and r["prompt"].endswith("\nAnswer:")
@@ -66,3 +70,22 @@ def test_malformed_jsonl_line_is_named(tiny_toy, tmp_path):
     data.write_text('{"question": "q", "answer": "1"}\n{"question": "q2", "answer": "2"}\nnot json\n')
     proc = run_script("eval_math.py", "--model", str(tiny_toy / "student"), "--dataset", str(data), cwd=tmp_path)
     assert proc.returncode != 0 and "line 3 is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["eval_math.py", "cmdp_distill.py", "lagrangian_distill.py"])
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"question": "q7", "answer": ', "line 7 is not valid JSON"),
+    ('{"prompt": "q7", "answer": "7"}', "line 7 is not a problem: 'expected fields question/answer"),
+])
+def test_bad_dataset_file_fails_before_the_toy_build(tmp_path, script, bad_line, message):
+    """A malformed --dataset file is reported by check_args, before the toy teacher/student would be built."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(1, 7)) + bad_line + "\n")
+    cache = tmp_path / "toy_cache"
+    cache.mkdir()
+    env = dict(os.environ, CMDP_DISTILL_CACHE=str(cache))
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--dataset", str(data)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == proc.stderr.strip().splitlines()[0] and f"{data}: {message}" in proc.stderr, proc.stderr
+    assert not any(cache.iterdir()), "a toy build started before the dataset was checked"

@@ -168,3 +168,34 @@ def test_bf16(device):
     for g, ref in ((b[0].grad, hs2.grad), (b[1].grad, ws2.grad)):  # bf16 logits: a few-% error is expected
         assert ((g.float() - ref).norm() / ref.norm()).item() < 2e-2
     assert (kl_per_token(zs.bfloat16(), zt.bfloat16(), 100) >= -1e-6).all()
+
+
+def test_kl_over_the_tokenizers_ids_only():
+    """With vocab_size, both softmaxes run over the tokenizer's real ids, whatever the matrices' widths: padding
+    rows (Qwen2.5: 271 of them in the 1.5B's matrix) never enter the distributions."""
+    zs, zt = _logits(2, 9, 70, seed=5), _logits(2, 9, 83, seed=6)
+    zt[..., 60:] += 8.0  # mass on the teacher's padding rows: it must not count
+    got = kl_per_token(zs, zt, chunk_size=4, vocab_size=60)
+    torch.testing.assert_close(got.double(), _naive_kl(zs[..., :60], zt[..., :60]), atol=ATOL, rtol=0)
+    assert not torch.allclose(got, kl_per_token(zs, zt, chunk_size=4), atol=1e-2)  # min(V_s, V_t) = 70 would differ
+    hs, ht = torch.randn(2, 9, 16, generator=_gen(1)), torch.randn(2, 9, 24, generator=_gen(2))
+    ws, wt = torch.randn(70, 16, generator=_gen(3)), torch.randn(83, 24, generator=_gen(4))
+    tokens = torch.randint(0, 60, (2, 9), generator=_gen(5))
+    kl, lp, tlp = kl_from_hidden(hs, ws, ht, wt, tokens, chunk_size=5, vocab_size=60)
+    torch.testing.assert_close(kl.double(), _naive_kl((hs @ ws.T)[..., :60], (ht @ wt.T)[..., :60]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(lp.double(), _naive_lp((hs @ ws.T)[..., :60], tokens), atol=ATOL, rtol=0)
+    torch.testing.assert_close(tlp.double(), _naive_lp((ht @ wt.T)[..., :60], tokens), atol=ATOL, rtol=0)
+
+
+def test_backward_without_kl_gradient_skips_the_teacher_and_stays_exact():
+    """GRPO and non-violators: only the log-probs carry gradient; the backward then never recomputes the teacher's
+    chunk logits, and the gradient equals the naive log-softmax's."""
+    hs, ht = torch.randn(3, 5, 8, generator=_gen(1)).requires_grad_(), torch.randn(3, 5, 12, generator=_gen(2))
+    ws, wt = torch.randn(30, 8, generator=_gen(3)).requires_grad_(), torch.randn(30, 12, generator=_gen(4))
+    tokens = torch.randint(0, 30, (3, 5), generator=_gen(5))
+    kl, lp, _ = kl_from_hidden(hs, ws, ht, wt, tokens, chunk_size=4)
+    (lp.sum() + 0.0 * kl.sum()).backward()
+    hs2, ws2 = hs.detach().clone().requires_grad_(), ws.detach().clone().requires_grad_()
+    _naive_lp(hs2 @ ws2.T, tokens).sum().backward()
+    torch.testing.assert_close(hs.grad.double(), hs2.grad.double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ws.grad.double(), ws2.grad.double(), atol=1e-5, rtol=0)

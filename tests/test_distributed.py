@@ -1,0 +1,76 @@
+"""Data parallelism with torchrun on CPU (gloo): two ranks give the one-process update, and one set of outputs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics, tiny_run_args
+
+SCRIPTS = ("cmdp_distill.py", "lagrangian_distill.py")
+
+
+def run(argv: list[str], cwd, nproc: int) -> subprocess.CompletedProcess:
+    """A script as a user runs it: plain python for one process, torchrun --standalone for several."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float order in both runs (torchrun's default too)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*launcher, str(ROOT / argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_ranks_update_like_one_process_on_the_whole_batch(tiny_toy, tmp_path, script):
+    """The same sampled responses (every generation chunk is seeded by (seed, step, chunk), not by rank), split
+    across two ranks, give the parameters of one process on the whole batch, to float tolerance."""
+    import safetensors.torch
+
+    lr = 1e-3
+    weights, samples, records = {}, {}, {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        # 4 prompts x 4 responses, micro-batches of 4: each rank holds 2 whole groups
+        proc = run(tiny_run_args(script, tiny_toy, out, "--num-steps", "1", "--prompts-per-step", "4", "--group-size", "4",
+                                 "--eval-limit", "4", "--learning-rate", str(lr), "--budget", "0.01"), tmp_path, nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run_dir,) = out.iterdir()  # one run folder, written by rank 0 only
+        weights[nproc] = safetensors.torch.load_file(run_dir / "checkpoint-1" / "model.safetensors")
+        samples[nproc] = (run_dir / "samples.jsonl").read_text()
+        records[nproc] = read_metrics(run_dir)
+    assert samples[1] == samples[2]  # identical responses, rewards and costs
+    one, two = records[1][1], records[2][1]
+    for key in ("train/reward", "train/modified_reward", "train/mean_kl", "train/cost", "train/csr", "train/response_tokens",
+                "losses/policy_loss", "losses/kl_loss"):  # global metrics: reduced over ranks
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    assert records[2][0]["eval/accuracy"] == records[1][0]["eval/accuracy"]  # the eval's counts are summed over ranks
+    assert two["eval/mean_kl"] == pytest.approx(one["eval/mean_kl"], rel=1e-5)
+    start = safetensors.torch.load_file(tiny_toy / "student" / "model.safetensors")
+    for name in weights[1]:
+        moved = (weights[1][name] - start[name]).abs().max()
+        assert moved > 0.5 * lr, name  # the step did move the weights (by about lr, AdamW's first step)
+        torch.testing.assert_close(weights[2][name], weights[1][name], atol=1e-3 * lr, rtol=0)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_torchrun_two_steps_one_set_of_logs_and_a_resumable_checkpoint(tiny_toy, tmp_path, script):
+    import common
+
+    out = tmp_path / "runs"
+    proc = run(tiny_run_args(script, tiny_toy, out, "--num-steps", "2", "--save-interval", "1", "--eval-interval", "0"), tmp_path, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = out.iterdir()
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2]  # each step logged once, by rank 0
+    assert proc.stdout.count("run folder:") == 1
+    assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 2 * 4
+    model = common.load_model(str(run_dir / "checkpoint-2"), torch.device("cpu"), torch.float32)
+    assert model.config.model_type == "llama" and common.load_trainer_state(run_dir / "checkpoint-2")["step"] == 2
+    proc = run(tiny_run_args(script, tiny_toy, out, "--num-steps", "3", "--eval-interval", "0", "--resume", str(run_dir / "checkpoint-2")), tmp_path, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3]
+
+
+def test_prompts_must_split_evenly_across_ranks(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "3"}  # what torchrun --nproc_per_node 3 sets; checked before any process group
+    proc = subprocess.run([sys.executable, str(ROOT / "cmdp_distill.py"), "--prompts-per-step", "16"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0 and "must be a multiple of the number of processes (3)" in proc.stderr and "Traceback" not in proc.stderr
