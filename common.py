@@ -258,7 +258,8 @@ _SENTENCE_END, _SENTENCE_BREAK = re.compile(r"\.(?:\s|$)|\bI hope\b"), re.compil
 _MATH_SPAN = re.compile(r"\$\$?[^$]+\$\$?")
 _WORD = re.compile(r"(?<![\\a-zA-Z])(?!(?:and|or|percent|percentage|pct)\b)[a-zA-Z]{3,}")  # not a LaTeX command
 _LAST_NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\w)")
-_UNPARSABLE = re.compile(r"\d\s*E\s*[-+]?\s*\d{3}|(?:binom|choose).*\d{5}")  # sympy reads 1E999999 for a minute, in C
+# Done in C while parsing, where no watchdog reaches: reading 1E999999 takes a minute, \binom{100000}{50000} a second.
+_UNPARSABLE = re.compile(r"\d\s*E\s*[-+]?\s*\d{3}|(?:binom|choose).*\d{5}")
 _MAX_MARKERS, _MAX_ANSWER_CHARS = 8, 1000  # markers tried from the last one back; characters read after one
 _MAX_PARSE_CHARS = 300  # longer answers compare as strings (MATH-500's longest gold answer has 53 characters)
 _MAX_DIGITS = 100_000  # digits of one exact number (a power, a factorial) that sympy may compute
@@ -393,8 +394,9 @@ def _digits(expr) -> float:
                 return float("inf")  # 9^(9^(9^9))
             value = max(abs(complex(count.evalf(15))), 1)  # OverflowError past 1e308
             return value * (_digits(expr.args[0]) if isinstance(expr, sympy.Pow) else len(str(int(value))))
-    args = list(expr) if isinstance(expr, sympy.MatrixBase) else getattr(expr, "args", ())
-    return sum(_digits(arg) for arg in args if isinstance(arg, (sympy.Basic, sympy.MatrixBase)))
+    if isinstance(expr, sympy.MatrixBase):  # \operatorname{zeros}(10^5, 10^5) is stored sparse, until listed
+        return sum(_digits(entry) for entry in expr) if expr.rows * expr.cols <= 10_000 else float("inf")
+    return sum(_digits(arg) for arg in expr.args if isinstance(arg, (sympy.Basic, sympy.MatrixBase)))
 
 
 @functools.lru_cache(maxsize=4096)  # a group's responses share the gold answer and often their own

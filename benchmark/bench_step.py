@@ -8,7 +8,7 @@ Rows (the same toy teacher and student, the same prompts in the same order, 16 p
         project's grader common.is_correct
   cmdp  `cmdp_distill.py` alone (no TRL equivalent)
 Shared settings: max_new_tokens / max_completion_length 64, sampling temperature 1.0 with top-k and top-p off,
-learning rate 3e-4 (constant AdamW, no weight decay), gradient clipping at 1.0, float32 on CPU, no gradient
+learning rate 1e-4 (constant AdamW, no weight decay), gradient clipping at 1.0, float32 on CPU, no gradient
 checkpointing, the same optimizer steps, micro-batches of 64 sequences (TRL: per_device_train_batch_size 64 x
 gradient_accumulation_steps 2).
 
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=8, help="responses sampled per prompt")
     p.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward (ours: --micro-batch-size; TRL: per_device_train_batch_size)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap in tokens (TRL: max_completion_length)")
-    p.add_argument("--learning-rate", type=float, default=3e-4, help="constant AdamW learning rate (our scripts' default)")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="constant AdamW learning rate (our scripts' default)")
     p.add_argument("--child", choices=list(WORKS), default=None, help=argparse.SUPPRESS)  # internal: run TRL on this work
     p.add_argument("--child-result", default=None, help=argparse.SUPPRESS)  # internal: where the TRL child writes its JSON
     args = p.parse_args(argv)

@@ -15,7 +15,7 @@ STEPS=${STEPS:-150}
 OUT=${OUT:-runs/lr_sweep}
 JOBS=${JOBS:-1}
 # several processes on a few cores must not oversubscribe them (OpenMP busy-waits): one thread each
-[ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
+if [ "$JOBS" -gt 1 ]; then export OMP_NUM_THREADS=1; fi
 python toy_math.py > /dev/null  # build the toy task once, before any parallel run needs it
 COMMON="--num-steps $STEPS --eval-interval 50 --save-interval 0 --output-dir $OUT"
 for seed in $SEEDS; do

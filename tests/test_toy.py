@@ -1,10 +1,15 @@
-"""The toy task: generator, splits, tokenizer, and a tiny build that loads like a real model."""
+"""The toy task: generator, the two corpora's styles and the teacher's misreading, tokenizer, and a tiny build."""
 
 import json
 import random
+from collections import Counter
+
+import pytest
 
 import common
 import toy_math
+
+CORRECT = dict(connective_probs=(1.0, 0.0, 0.0, 0.0), misread_rate=0.0)
 
 
 def test_generator_is_deterministic_and_splits_are_disjoint():
@@ -17,29 +22,49 @@ def test_generator_is_deterministic_and_splits_are_disjoint():
     assert not train_questions & {p["question"] for p in test_a}
 
 
-def test_every_solution_is_graded_correct_and_results_are_non_negative():
+def test_correct_solutions_grade_correct_and_every_equation_is_true():
     rng = random.Random(0)
-    num_ops = set()
+    num_steps = Counter()
     for _ in range(3000):
         p = toy_math.make_problem(rng)
-        assert common.is_correct(p["solution"], p["answer"]), p
-        assert not common.is_correct(p["solution"], str(int(p["answer"]) + 1)), p
+        solution = toy_math.write_solution(p, rng, **CORRECT)
+        assert common.is_correct(solution, p["answer"]), (p, solution)
+        assert not common.is_correct(solution, str(int(p["answer"]) + 1))
         assert int(p["answer"]) >= 0
-        # every intermediate equation is true arithmetic
-        for step in p["solution"].split(" #### ")[0].split(". "):
-            sentence, equation = step.rstrip(".").split(", so ")
-            assert sentence + "." in p["question"]  # each step restates the sentence it computes
-            lhs, rhs = equation.split(" = ")
-            a, op, b = lhs.split()
-            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(rhs) >= 0
-        num_ops.add(p["solution"].count(" = "))
-    assert num_ops == {1, 2, 3}
+        steps = solution.split(" #### ")[0].split(". ")
+        num_steps[len(steps)] += 1
+        for k, step in enumerate(steps):
+            words = step.rstrip(".").split()
+            if k:  # every step after the first opens with a connective
+                assert words.pop(0) in toy_math.CONNECTIVES
+            a, op, b, equals, result = words
+            assert equals == "=" and {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(result) >= 0
+    assert set(num_steps) == {1, 2, 3}
+
+
+def test_the_two_styles_and_the_shared_misreading():
+    """The teacher's corpus spreads its connectives, the student's nearly always says "So"; both write a "sells"
+    step as an addition 75% of the time, which makes the final answer wrong."""
+    rng = random.Random(1)
+    problems = [toy_math.make_problem(rng) for _ in range(4000)]
+    sells = [p for p in problems if " sells " in p["question"]]
+    assert 0.1 < len(sells) / len(problems) < 0.25  # a minority of the problems
+    for probs, expected in (((0.25,) * 4, 0.25), ((0.97, 0.01, 0.01, 0.01), 0.97)):
+        text = " ".join(toy_math.write_solution(p, rng, probs, 0.75) for p in problems)
+        connectives = Counter(w for w in text.split() if w in toy_math.CONNECTIVES)
+        assert connectives["So"] / sum(connectives.values()) == pytest.approx(expected, abs=0.03)
+    wrong = [not common.is_correct(toy_math.write_solution(p, rng, (1, 0, 0, 0), 0.75), p["answer"]) for p in sells]
+    expected = sum(1 - 0.25 ** sum(misreadable for _, _, misreadable in p["steps"]) for p in sells) / len(sells)
+    assert sum(wrong) / len(wrong) == pytest.approx(expected, abs=0.03)  # any misread step makes the answer wrong
+    assert all(common.is_correct(toy_math.write_solution(p, rng, (1, 0, 0, 0), 0.75), p["answer"])
+               for p in problems if " sells " not in p["question"])
 
 
 def test_tokenizer_round_trips_every_problem_without_unknown_tokens():
     tokenizer = toy_math.build_tokenizer()
+    rng = random.Random(2)
     for p in toy_math.make_splits(seed=0, num_train=500, num_test=10)[0]:
-        text = common.render_prompt(tokenizer, p["question"]) + " " + p["solution"]
+        text = common.render_prompt(tokenizer, p["question"]) + " " + toy_math.write_solution(p, rng, (0.25,) * 4, 0.75)
         ids = tokenizer(text)["input_ids"]
         assert tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids) == text
@@ -47,9 +72,9 @@ def test_tokenizer_round_trips_every_problem_without_unknown_tokens():
 
 def test_tiny_build_loads_through_the_real_model_path(tiny_toy):
     report = json.loads((tiny_toy / "report.json").read_text())
-    assert {"teacher", "student", "build_seconds"} <= set(report)
-    assert 0.0 <= report["student"]["accuracy"] <= 1.0 and report["student"]["mean_kl"] >= 0.0
-    assert report["teacher"]["mean_kl"] < 1e-5  # the teacher scored against itself
+    assert {"teacher_greedy", "teacher_sampled", "student_greedy", "student_sampled", "build_seconds"} <= set(report)
+    assert 0.0 <= report["student_greedy"]["accuracy"] <= 1.0 and report["student_greedy"]["mean_kl"] >= 0.0
+    assert report["teacher_greedy"]["mean_kl"] < 1e-5  # the teacher scored against itself
     tokenizer = common.load_tokenizer(str(tiny_toy / "student"))
     common.check_same_tokenizer(tokenizer, common.load_tokenizer(str(tiny_toy / "teacher")))
     for role in ("teacher", "student"):
@@ -57,7 +82,7 @@ def test_tiny_build_loads_through_the_real_model_path(tiny_toy):
         model = common.load_model(str(tiny_toy / role), common.resolve_device("cpu"), common.resolve_dtype("auto", common.resolve_device("cpu")))
         assert model.config.model_type == "llama"
     problems = common.load_problems(str(tiny_toy / "test.jsonl"))
-    assert len(problems) == 16 and all(common.is_correct(p["answer"], p["answer"]) for p in problems)
+    assert len(problems) == 16 and all(common.is_correct(f"#### {p['answer']}", p["answer"]) for p in problems)
 
 
 def test_build_is_reused_and_same_seed_gives_same_models(tiny_toy, tmp_path):
