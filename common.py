@@ -257,6 +257,7 @@ _HEADING = re.compile(r"[^\S\n]*(?:\*\*)?[^\S\n]*(?:[A-Za-z]{2,}|\d+[.):][^\S\n]
 _SENTENCE_END, _SENTENCE_BREAK = re.compile(r"\.(?:\s|$)|\bI hope\b"), re.compile(r"[.!?](?=\s)|\n\s*\n")  # not a decimal point
 _MATH_SPAN = re.compile(r"\$\$?[^$]+\$\$?")
 _WORD = re.compile(r"(?<![\\a-zA-Z])(?!(?:and|or|percent|percentage|pct)\b)[a-zA-Z]{3,}")  # not a LaTeX command
+_INTEGER = re.compile(r"[-+]?\d{1,1000}")
 _LAST_NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\w)")
 # Done in C while parsing, where no watchdog reaches: reading 1E999999 takes a minute, \binom{100000}{50000} a second.
 _UNPARSABLE = re.compile(r"\d\s*E\s*[-+]?\s*\d{3}|(?:binom|choose).*\d{5}")
@@ -421,6 +422,8 @@ def _equivalent(pred: str, gold) -> bool:
         return False
     if pred == gold:
         return True
+    if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(gold):  # two integers: what Math-Verify would say, ~1000x sooner
+        return int(pred) == int(gold)
     verify = _math_verify()[1]  # imports and warm-up stay outside the watchdog
     try:
         return _within(lambda: verify(list(_parse(gold)), list(_parse(pred))))

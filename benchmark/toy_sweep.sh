@@ -7,7 +7,8 @@
 #    budget-free and are scored at every budget.
 # Then benchmark/toy_results.py evaluates every final student (greedy and sampled) and writes the tables and plots.
 #
-#   bash benchmark/toy_sweep.sh                 # 55 runs, one at a time
+#   bash benchmark/toy_sweep.sh                 # 55 runs, one at a time; re-run it to resume (finished runs are skipped)
+#   SEEDS="1 2 3" JOBS=2 bash benchmark/toy_sweep.sh  # the 33 runs the README's tables use
 #   JOBS=2 bash benchmark/toy_sweep.sh          # two at a time, one thread each (what the README's figures used)
 #   python benchmark/toy_results.py runs/sweep
 set -euo pipefail
@@ -43,4 +44,7 @@ for seed in $SEEDS; do
   done
   echo "python lagrangian_distill.py $A --lambda-init 0 --lambda-lr 0 --exp-name grpo"
   if [ "$seed" != 1 ]; then echo "python lagrangian_distill.py $A --kd-only --lambda-init 1 --lambda-lr 0 --exp-name kd"; fi
+done | while read -r cmd; do  # a run whose final checkpoint exists is done: re-running the script resumes a sweep
+  name=$(echo "$cmd" | sed 's/.*--exp-name //'); seed=$(echo "$cmd" | sed 's/.*--seed \([0-9]*\).*/\1/')
+  ls -d "$OUT/${name}__${seed}__"*/checkpoint-"$STEPS" > /dev/null 2>&1 || echo "$cmd"
 done | OUT="$OUT" xargs -P "$JOBS" -I{} sh -c 'log="$OUT/logs/$(echo "{}" | md5sum | cut -c1-12).log"; {} > "$log" 2>&1 || echo "failed ($log): {}"'

@@ -31,7 +31,7 @@ def test_two_ranks_update_like_one_process_on_the_whole_batch(tiny_toy, tmp_path
         out = tmp_path / f"nproc{nproc}"
         # 4 prompts x 4 responses, micro-batches of 4: each rank holds 2 whole groups
         proc = run(tiny_run_args(script, tiny_toy, out, "--num-steps", "1", "--prompts-per-step", "4", "--group-size", "4",
-                                 "--eval-limit", "4", "--learning-rate", str(lr), "--budget", "0.01"), tmp_path, nproc)
+                                 "--eval-limit", "4", "--learning-rate", str(lr)), tmp_path, nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
         (run_dir,) = out.iterdir()  # one run folder, written by rank 0 only
         weights[nproc] = safetensors.torch.load_file(run_dir / "checkpoint-1" / "model.safetensors")
@@ -43,7 +43,7 @@ def test_two_ranks_update_like_one_process_on_the_whole_batch(tiny_toy, tmp_path
                 "losses/policy_loss", "losses/kl_loss"):  # global metrics: reduced over ranks
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
     assert records[2][0]["eval/accuracy"] == records[1][0]["eval/accuracy"]  # the eval's counts are summed over ranks
-    assert two["eval/mean_kl"] == pytest.approx(one["eval/mean_kl"], rel=1e-5)
+    assert two["eval/mean_kl"] == pytest.approx(one["eval/mean_kl"], rel=1e-4)  # other eval batches: other padding, fp32 sums
     start = safetensors.torch.load_file(tiny_toy / "student" / "model.safetensors")
     for name in weights[1]:
         moved = (weights[1][name] - start[name]).abs().max()

@@ -51,7 +51,7 @@ def test_track_without_wandb_is_refused_before_anything_loads(tmp_path):
     # the script as run by a user whose environment has no wandb: find_spec("wandb") answers None
     code = ("import importlib.util, runpy, sys; find = importlib.util.find_spec; "
             "importlib.util.find_spec = lambda name, *a: None if name == 'wandb' else find(name, *a); "
-            f"sys.argv = ['cmdp_distill.py', '--track']; runpy.run_path({str(ROOT / 'cmdp_distill.py')!r}, run_name='__main__')")
+            f"sys.path.insert(0, {str(ROOT)!r}); sys.argv = ['cmdp_distill.py', '--track']; runpy.run_path({str(ROOT / 'cmdp_distill.py')!r}, run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "pip install wandb==0.31.0" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
