@@ -4,7 +4,8 @@ Every finished run's last checkpoint is evaluated twice by eval_math.py on all 5
 teacher: greedily (`eval_greedy/`) and with one sampled response per problem at temperature 1 (`eval_sampled/`),
 unless that was done already; the starting student and the teacher are evaluated once as reference rows. Each
 response's cost is in results.jsonl, so CSR is reported at every budget of the sweep for every run, budget-free
-baselines included. Outputs: {sweep}/results.md (one table per budget: mean ± std over seeds), {docs}/accuracy_vs_csr.png
+baselines included. Outputs: {sweep}/results.md (one table per budget: mean ± std over seeds; one of greedy accuracy,
+CSR and cost on the toy task's "sells" problems against the others), {docs}/accuracy_vs_csr.png
 (one point per method and setting, greedy and sampled, one panel per budget) and {docs}/training_curves.png (sampled
 CSR, mean KL and lambda over training at the default budget).
 
@@ -39,6 +40,13 @@ def evaluate(model, out: Path, temperature: float) -> tuple[dict, np.ndarray]:
     return json.loads((out / "summary.json").read_text()), costs
 
 
+def correct_and_sells(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per problem of the evaluation in `out` (results.jsonl order): answered correctly; has a "sells" step (the toy
+    task's shared blind spot, where reward and teacher disagree)."""
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return np.array([r["correct"] for r in records], dtype=bool), np.array([" sells " in r["question"] for r in records])
+
+
 def sort_key(name: str) -> tuple:
     prefix = next((i for i, p in enumerate(ORDER) if name.startswith(p)), len(ORDER))
     return prefix, name
@@ -59,7 +67,7 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
             continue
         evals = {d: evaluate(checkpoints[-1], run / f"eval_{d}", t) for d, t in DECODINGS.items()}
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        runs[args["exp_name"]].append(dict(seed=args["seed"], args=args, metrics=metrics, **evals))
+        runs[args["exp_name"]].append(dict(seed=args["seed"], args=args, metrics=metrics, correct=correct_and_sells(run / "eval_greedy")[0], **evals))
     if not runs:
         sys.exit(f"no finished runs in {sweep}: run benchmark/toy_sweep.sh first")
     # the budget each method was trained for (None for the budget-free baselines)
@@ -67,6 +75,8 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
     budgets = sorted({b for b in own_budget.values() if b is not None}) or [DEFAULT_BUDGET]
     reference = {name: {d: evaluate(lambda name=name: toy_math.resolve("toy", name), sweep / f"eval_{name}_{d}", t) for d, t in DECODINGS.items()}
                  for name in ("teacher", "student")}
+    g_correct = {name: correct_and_sells(sweep / f"eval_{name}_greedy")[0] for name in reference}
+    sells = correct_and_sells(sweep / "eval_student_greedy")[1]
     names = sorted(runs, key=sort_key)
 
     def train_minutes(r):  # sampling + teacher scoring + update, without the periodic evals
@@ -75,12 +85,12 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
     lines = []
     for b in budgets:
         lines += [f"### Budget {b} (CSR: fraction of responses with cost <= {b})", "",
-                  "| method | seeds | greedy accuracy | sampled accuracy | greedy CSR | sampled CSR | mean KL (greedy) | steps | train min/run |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | seeds | greedy accuracy | sampled accuracy | greedy CSR | sampled CSR | greedy: correct and within budget | mean KL (greedy) | steps | train min/run |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, ev in reference.items():
             (g, gc), (s, sc) = ev["greedy"], ev["sampled"]
             lines.append(f"| {name} (reference) | - | {g['accuracy']:.3f} | {s['accuracy']:.3f} | {np.mean(gc <= b):.3f} | {np.mean(sc <= b):.3f} | "
-                         f"{g['mean_kl']:.3f} | - | - |")
+                         f"{np.mean((gc <= b) & g_correct[name]):.3f} | {g['mean_kl']:.3f} | - | - |")
         for name in names:
             if own_budget[name] not in (None, b):
                 continue
@@ -88,8 +98,20 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
             own = own_budget[name] == b
             lines.append(f"| {name} | {len(rs)} | {cell([r['greedy'][0]['accuracy'] for r in rs])} | {cell([r['sampled'][0]['accuracy'] for r in rs])} | "
                          f"{cell([np.mean(r['greedy'][1] <= b) for r in rs], bold=own)} | {cell([np.mean(r['sampled'][1] <= b) for r in rs], bold=own)} | "
-                         f"{cell([r['greedy'][0]['mean_kl'] for r in rs])} | {rs[0]['args']['num_steps']} | {np.mean([train_minutes(r) for r in rs]):.1f} |")
+                         f"{cell([np.mean((r['greedy'][1] <= b) & r['correct']) for r in rs])} | {cell([r['greedy'][0]['mean_kl'] for r in rs])} | {rs[0]['args']['num_steps']} | {np.mean([train_minutes(r) for r in rs]):.1f} |")
         lines.append("")
+    # where reward and teacher disagree: the problems with a "sells" step (greedy responses, each run's own budget)
+    lines += [f"### Greedy responses on the {sells.sum()} problems with a \"sells\" step and on the {(~sells).sum()} others "
+              f"(CSR at the run's own budget; budget-free runs at {DEFAULT_BUDGET})", "",
+              "| method | accuracy, sells | accuracy, others | CSR, sells | CSR, others | median cost, sells | median cost, others |",
+              "|---|---|---|---|---|---|---|"]
+    for name in ["student", *names]:
+        evals = [(g_correct[name], reference[name]["greedy"][1])] if name == "student" else [(r["correct"], r["greedy"][1]) for r in runs[name]]
+        b = own_budget.get(name) or DEFAULT_BUDGET
+        cols = [[f(c, k) for c, k in evals] for f in (lambda c, k: c[sells].mean(), lambda c, k: c[~sells].mean(), lambda c, k: np.mean(k[sells] <= b),
+                                                     lambda c, k: np.mean(k[~sells] <= b), lambda c, k: np.median(k[sells]), lambda c, k: np.median(k[~sells]))]
+        lines.append(f"| {name if name != 'student' else 'student (reference)'} | " + " | ".join(cell(v) for v in cols) + " |")
+    lines.append("")
     table = "\n".join(lines)
     print(table)
     (sweep / "results.md").write_text(table)
@@ -144,7 +166,8 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
             window = min(10, length) if key.startswith("train/") else 1
             steps = np.array([s for s, _ in curves[0][:length]])[window - 1 :]
             curves = np.array([np.convolve([v for _, v in c[:length]], np.ones(window) / window, mode="valid") for c in curves])
-            ax.plot(steps, curves.mean(0), color=style(name)["color"], linestyle="-" if name.startswith("cmdp") else "--" if own_budget[name] else ":", label=name)
+            ax.plot(steps, curves.mean(0), color=style(name)["color"], linestyle="-" if name.startswith("cmdp") else "--" if own_budget[name] else ":",
+                    marker=style(name)["marker"] if own_budget[name] is None else None, markevery=25, ms=4, label=name)
             ax.fill_between(steps, curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0), color=style(name)["color"], alpha=0.12)
         if key == "train/mean_kl":
             ax.axhline(DEFAULT_BUDGET, color="black", linestyle="--", linewidth=0.8, label=f"budget {DEFAULT_BUDGET}")

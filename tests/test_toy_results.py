@@ -17,9 +17,13 @@ def load_toy_results():
     return module
 
 
+QUESTIONS = ["Ann has 2 pens.", "Bo has 3 pens.", "Cy has 4 pens.", "Di sells 5 pens."]  # the last has a "sells" step
+
+
 def fake_eval(folder, costs, correct):
     folder.mkdir(parents=True)
-    (folder / "results.jsonl").write_text("".join(json.dumps(dict(cost=k, mean_kl=k, correct=c)) + "\n" for k, c in zip(costs, correct)))
+    (folder / "results.jsonl").write_text("".join(json.dumps(dict(question=q, cost=k, mean_kl=k, correct=c)) + "\n"
+                                                  for q, k, c in zip(QUESTIONS, costs, correct)))
     (folder / "summary.json").write_text(json.dumps(dict(accuracy=float(np.mean(correct)), mean_kl=float(np.mean(costs)))))
 
 
@@ -52,17 +56,26 @@ def test_tables_from_a_fake_sweep(tmp_path):
 
     blocks = (sweep / "results.md").read_text().split("### ")[1:]
     assert [b.splitlines()[0] for b in blocks] == ["Budget 0.05 (CSR: fraction of responses with cost <= 0.05)",
-                                                   "Budget 0.1 (CSR: fraction of responses with cost <= 0.1)"]
+                                                   "Budget 0.1 (CSR: fraction of responses with cost <= 0.1)",
+                                                   'Greedy responses on the 1 problems with a "sells" step and on the 3 others '
+                                                   "(CSR at the run's own budget; budget-free runs at 0.05)"]
     rows = [line for line in blocks[0].splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" | ")[0] for r in rows] == ["| teacher (reference)", "| student (reference)", "| cmdp_d0.05", "| fixed_l0.1"]
-    assert rows[1] == "| student (reference) | - | 0.250 | 0.250 | 0.500 | 0.500 | 0.080 | - | - |"
+    assert rows[1] == "| student (reference) | - | 0.250 | 0.250 | 0.500 | 0.500 | 0.250 | 0.080 | - | - |"
     # two finished seeds: greedy accuracy 0.5 and 0.75, sampled 0.25 and 0.5; greedy CSR at 0.05 (own budget, bold)
-    # 0.75 and 0.25, sampled 0.25 and 0.75; mean KL 0.07 and 0.05; 3 x 10 s per step for 4 steps = 2 minutes
-    assert rows[2] == "| cmdp_d0.05 | 2 | 0.625 ± 0.125 | 0.375 ± 0.125 | **0.500 ± 0.250** | **0.500 ± 0.250** | 0.060 ± 0.010 | 4 | 2.0 |"
-    assert rows[3] == "| fixed_l0.1 | 1 | 1.000 | 1.000 | 0.000 | 0.000 | 0.500 | 4 | 2.0 |"  # a budget-free baseline, at every budget
+    # 0.75 and 0.25, sampled 0.25 and 0.75; greedy correct and within 0.05: 2 and 1 of 4; mean KL 0.07 and 0.05;
+    # 3 x 10 s per step for 4 steps = 2 minutes
+    assert rows[2] == "| cmdp_d0.05 | 2 | 0.625 ± 0.125 | 0.375 ± 0.125 | **0.500 ± 0.250** | **0.500 ± 0.250** | 0.375 ± 0.125 | 0.060 ± 0.010 | 4 | 2.0 |"
+    assert rows[3] == "| fixed_l0.1 | 1 | 1.000 | 1.000 | 0.000 | 0.000 | 0.000 | 0.500 | 4 | 2.0 |"  # a budget-free baseline, at every budget
     rows = [line for line in blocks[1].splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" | ")[0] for r in rows] == ["| teacher (reference)", "| student (reference)", "| cmdp_d0.1", "| fixed_l0.1"]
-    assert rows[2] == "| cmdp_d0.1 | 1 | 1.000 | 0.000 | **1.000** | **0.000** | 0.090 | 4 | 2.0 |"
+    assert rows[2] == "| cmdp_d0.1 | 1 | 1.000 | 0.000 | **1.000** | **0.000** | 1.000 | 0.090 | 4 | 2.0 |"
+    # the "sells" problem (the last) against the others, greedy, at each run's own budget (0.05 for budget-free runs)
+    rows = [line for line in blocks[2].splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["| student (reference) | 0.000 | 0.333 | 0.000 | 0.667 | 0.210 | 0.030 |",
+                    "| cmdp_d0.05 | 0.000 ± 0.000 | 0.833 ± 0.167 | 0.000 ± 0.000 | 0.667 ± 0.333 | 0.145 ± 0.075 | 0.035 ± 0.025 |",
+                    "| cmdp_d0.1 | 1.000 | 1.000 | 1.000 | 1.000 | 0.090 | 0.090 |",
+                    "| fixed_l0.1 | 1.000 | 1.000 | 0.000 | 0.000 | 0.500 | 0.500 |"]
     if importlib.util.find_spec("matplotlib") is None:  # optional plotting dependency: the tables alone are checked
         return
     assert (tmp_path / "docs" / "accuracy_vs_csr.png").stat().st_size > 0
