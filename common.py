@@ -781,6 +781,14 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace `path` with one JSON line per record, atomically (as write_json)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.unlink(missing_ok=True)
+    append_jsonl(tmp, records)
+    os.replace(tmp, path)
+
+
 def append_jsonl(path: Path, records: list[dict] | dict) -> None:
     with open(path, "a") as f:
         for record in [records] if isinstance(records, dict) else records:

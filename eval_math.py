@@ -296,8 +296,7 @@ def rwr(args: Args) -> dict:
     # 5. write and print
     out = Path(args.output_dir or f"runs/eval/rwr__{tag(str(Path(path_a).parent))}__vs__{tag(str(Path(path_b).parent))}__{int(time.time())}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "verdicts.jsonl").unlink(missing_ok=True)
-    common.append_jsonl(out / "verdicts.jsonl", records)
+    common.write_jsonl(out / "verdicts.jsonl", records)
     common.write_json(out / "summary.json", summary)
     print(f"\nReasoning Win Rate of A = {path_a} vs B = {path_b}, judge {args.judge}, {n} problems")
     print(f"| {'outcome for A':<13} | {'count':>5} | {'rate':>6} | {'95% interval':>16} |\n|{'-' * 15}|{'-' * 7}|{'-' * 8}|{'-' * 18}|")
@@ -341,8 +340,7 @@ def main(args: Args) -> dict:
 
     out = Path(args.output_dir or f"runs/eval/{tag(args.model)}__{tag(args.dataset)}__{int(time.time())}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.jsonl").unlink(missing_ok=True)
-    common.append_jsonl(out / "results.jsonl", records)
+    common.write_jsonl(out / "results.jsonl", records)
     common.write_json(out / "summary.json", summary)
     print(f"\n| {'metric':<20} | {'value':>12} |\n|{'-' * 22}|{'-' * 14}|")
     for key in ("n", "accuracy", "lenient_accuracy", "mean_kl", "max_kl", "constraint", "mean_cost", "cost_p50", "cost_p90", "cost_p95",
