@@ -606,7 +606,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     padding rows of a wider output matrix are suppressed, so sampled responses are on-policy for the
     distribution that the policy gradient differentiates and the KL compares. Runs in eval mode.
     """
-    from transformers import GenerationConfig
+    from transformers import DynamicCache, GenerationConfig
 
     eos = eos_token_ids(model, tokenizer)
     # top_k=0 and top_p=1.0 must be explicit: unset values fall back to the checkpoint's (Qwen: 20 and 0.8)
@@ -618,8 +618,23 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     model.eval()
     pairs = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
-        out = model.generate(**enc, generation_config=config)
+        chunk = prompts[i : i + batch_size]
+        # the G copies of a group's prompt share one prefill: each distinct prompt (but its last token) runs once,
+        # its KV cache is copied to every copy, and generate() goes on from the last prompt token
+        distinct = list(dict.fromkeys(chunk))
+        row = {p: k for k, p in enumerate(distinct)}
+        copies = torch.tensor([row[p] for p in chunk]) if len(distinct) < len(chunk) else None  # prompt row of each copy
+        enc = tokenizer(distinct, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
+        cache = None
+        if copies is not None and enc["input_ids"].shape[1] > 1:
+            cache = DynamicCache(config=model.config)
+            mask = enc["attention_mask"][:, :-1]
+            model.get_decoder()(input_ids=enc["input_ids"][:, :-1], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                                past_key_values=cache, use_cache=True)
+            cache.reorder_cache(copies.to(model.device))
+        if copies is not None:
+            enc = {k: v[copies.to(v.device)] for k, v in enc.items()}
+        out = model.generate(**enc, past_key_values=cache, generation_config=config)
         for row_ids, row_mask, row_out in zip(enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]):
             response = row_out.tolist()
             ends = [j for j, t in enumerate(response) if t in eos]
@@ -653,10 +668,33 @@ def pad_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int, device:
 def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final (post-norm) hidden states (N, H) at the N positions that predict a response token: the lm_head input
     where the KL and log-probs are needed, without (B, L, V) logits (prompt positions never meet the vocabulary-wide
-    softmax) and without building a KV cache (scoring never decodes)."""
-    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              position_ids=batch["position_ids"], use_cache=False)
-    return out.last_hidden_state[:, :-1][batch["response_mask"].bool()]
+    softmax). Differentiable when called with grad enabled.
+
+    The G responses of a group share their prompt (the batch's first P columns, left-padded alike), and a prompt's
+    keys and values do not depend on what follows it: each distinct prompt runs once, its KV cache is copied to its
+    copies, and only the responses run per row. B/G x P + B x R positions instead of B x (P + R); the same hidden
+    states up to float rounding (tests/test_common.py), gradients flowing back through the shared cache.
+    """
+    from transformers import DynamicCache
+
+    decoder, mask = model.get_decoder(), batch["response_mask"].bool()
+    ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    P = int(mask.any(0).int().argmax()) + 1  # the first response column (response_mask is shifted by one)
+    prompts, rows = torch.unique(ids[:, :P], dim=0, return_inverse=True)  # rows: the distinct prompt of each row
+    # one plain pass, no cache, when every prompt differs (evaluation) or under gradient checkpointing (its layers drop
+    # the cache in training, and the responses would run without their prompt)
+    if len(prompts) == len(ids) or (model.is_activation_checkpointing and model.training):
+        hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
+        return hidden[:, :-1][mask]
+    first = torch.zeros(len(prompts), dtype=torch.long, device=ids.device).scatter_(0, rows, torch.arange(len(ids), device=ids.device))
+    cache = DynamicCache(config=model.config)
+    prompt = decoder(input_ids=ids[first, :P], attention_mask=attention[first, :P], position_ids=positions[first, :P],
+                     past_key_values=cache, use_cache=True).last_hidden_state  # (B/G, P, H)
+    cache.reorder_cache(rows)  # (B/G, ...) -> (B, ...): each row gets its prompt's keys and values
+    response = decoder(input_ids=ids[:, P:], attention_mask=attention, position_ids=positions[:, P:], past_key_values=cache,
+                       use_cache=True).last_hidden_state  # (B, R, H)
+    hidden = torch.cat([prompt[rows, -1:], response], 1)  # positions P-1 .. L-1, the only ones that predict responses
+    return hidden[:, :-1][mask[:, P - 1 :]]
 
 
 def response_scores(student_hidden, student_weight, teacher_hidden, teacher_weight, batch: dict[str, torch.Tensor],
@@ -904,6 +942,18 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
     _DIST_DEVICE = resolved
     return dist.get_rank(), world_size, resolved
+
+
+def destroy_distributed() -> None:
+    """Leave the process group at the end of a torchrun run: a rank that exits with it alive can abort in gloo's
+    teardown ("terminate called without an active exception") and fail the run after its last checkpoint."""
+    global _DIST_DEVICE
+    if _DIST_DEVICE is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        _DIST_DEVICE = None
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

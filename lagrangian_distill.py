@@ -230,7 +230,7 @@ def main(args: Args) -> Path | None:
     vocab = common.vocab_size(tokenizer, student, teacher)  # ids compared by the KL: the tokenizer's, not padding rows
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
     if args.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        student.activation_checkpointing_enable()
     student.config.use_cache = True  # generation wants the KV cache even with gradient checkpointing; scoring passes use_cache=False
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
@@ -390,6 +390,7 @@ def main(args: Args) -> Path | None:
             common.barrier()
     if logger:
         logger.close()
+    common.destroy_distributed()
     return run_dir
 
 

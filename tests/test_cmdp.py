@@ -251,3 +251,22 @@ def test_offpolicy_kd_warmup_runs_before_rl(tiny_toy, tmp_path):
     warmup = [r for r in records if "warmup/step" in r]
     assert [r["warmup/step"] for r in warmup] == [1, 2, 3] and all(math.isfinite(r["warmup/loss"]) for r in warmup)
     assert [r["step"] for r in records if "step" in r] == [0, 1]  # the RL steps follow
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_path):
+    """--gradient-checkpointing recomputes activations in the backward; the update is the same (checkpointed layers
+    drop the KV cache, so the update's forward runs every prompt in full instead of sharing a group's prompt cache)."""
+    import safetensors.torch
+
+    weights = {}
+    for flag in ("", "--gradient-checkpointing"):
+        out = tmp_path / (flag or "plain")
+        proc = run_script(*tiny_run_args(tiny_toy, out, "--num-steps", "1", "--eval-interval", "0", "--learning-rate", "1e-3",
+                                         *([flag] if flag else [])), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run_dir,) = out.iterdir()
+        weights[flag] = safetensors.torch.load_file(run_dir / "checkpoint-1" / "model.safetensors")
+    start = safetensors.torch.load_file(tiny_toy / "student" / "model.safetensors")
+    for name, plain in weights[""].items():
+        assert (plain - start[name]).abs().max() > 0.5e-3, name  # the step moved every tensor (AdamW: by about lr)
+        torch.testing.assert_close(weights["--gradient-checkpointing"][name], plain, atol=1e-6, rtol=0)

@@ -109,6 +109,68 @@ def test_generation_is_greedy_at_temperature_zero_and_stops_at_eos(tiny_toy):
     assert model.training  # the mode is restored
 
 
+def test_group_copies_share_one_prefill_and_sample_what_plain_generate_samples(tiny_toy):
+    from transformers import GenerationConfig
+
+    tokenizer = common.load_tokenizer(str(tiny_toy / "student"))
+    model = common.load_model(str(tiny_toy / "student"), CPU, torch.float32)
+    questions = [p["question"] for p in common.load_problems(str(tiny_toy / "test.jsonl"))[:3]]
+    prompts = [common.render_prompt(tokenizer, q) for q in questions for _ in range(4)]  # 3 groups of 4, as in training
+    prefill_rows = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, kw: prefill_rows.append(kw["input_ids"].shape), with_kwargs=True)
+    for temperature in (1.0, 0.0):
+        prefill_rows.clear()
+        torch.manual_seed(3)
+        shared = common.generate(model, tokenizer, prompts, 12, temperature, batch_size=12)
+        assert prefill_rows[0][0] == 3 and all(rows == 12 and length == 1 for rows, length in prefill_rows[1:])  # then one token per step
+        # reference: transformers' generate on the 12 rows as given (each copy prefilled on its own), same seed
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        config = GenerationConfig(max_new_tokens=12, repetition_penalty=1.0, eos_token_id=common.eos_token_ids(model, tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id, **sampling)
+        torch.manual_seed(3)
+        out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1] :].tolist()
+        for (prompt_ids, response), row, ids, mask in zip(shared, out, enc["input_ids"], enc["attention_mask"]):
+            assert prompt_ids == ids[mask.bool()].tolist()
+            assert response == row[: len(response)] and (len(response) == 12 or response[-1] == tokenizer.eos_token_id)
+        assert len({tuple(r) for _, r in shared[:4]}) > 1 or temperature == 0  # copies are sampled independently
+    hook.remove()
+
+
+def test_shared_prompt_forward_equals_one_plain_pass_in_values_and_gradients(tiny_toy):
+    tokenizer = common.load_tokenizer(str(tiny_toy / "student"))
+    model = common.load_model(str(tiny_toy / "student"), CPU, torch.float32)
+    questions = [p["question"] for p in common.load_problems(str(tiny_toy / "test.jsonl"))[:3]]
+    prompts = [common.render_prompt(tokenizer, q) for q in questions for _ in range(4)]
+    torch.manual_seed(0)
+    batch = common.pad_sequences(common.generate(model, tokenizer, prompts, 12, 1.0, 12), tokenizer.pad_token_id, CPU)
+    assert len({len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts}) > 1  # real left padding
+    rows = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    shared = common.final_hidden(model, batch)
+    assert rows == [3, 12]  # the prompts once, then the 12 responses on their prompt's cache
+    hook.remove()
+    plain = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                                use_cache=False).last_hidden_state[:, :-1][batch["response_mask"].bool()]
+    assert shared.shape == plain.shape == (int(batch["response_mask"].sum()), model.config.hidden_size)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(plain)
+    grads = [torch.autograd.grad((h * weights).sum(), list(model.get_decoder().parameters())) for h in (shared, plain)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    distinct = common.pad_sequences(common.generate(model, tokenizer, prompts[::4], 12, 1.0, 3), tokenizer.pad_token_id, CPU)
+    rows.clear()
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    common.final_hidden(model, distinct)
+    assert rows == [3]  # nothing to share: one plain pass
+    model.activation_checkpointing_enable()
+    model.train()  # checkpointed layers drop the KV cache in training: one plain pass, the same values
+    rows.clear()
+    torch.testing.assert_close(common.final_hidden(model, batch), plain, atol=1e-5, rtol=1e-5)
+    assert rows == [12]
+    hook.remove()
+
+
 def test_checkpoint_save_is_atomic_and_reloads(tiny_toy, tmp_path):
     from dataclasses import dataclass
 
