@@ -8,8 +8,8 @@
 # Then benchmark/toy_results.py evaluates every final student (greedy and sampled) and writes the tables and plots.
 #
 #   bash benchmark/toy_sweep.sh                 # 55 runs, one at a time; re-run it to resume (finished runs are skipped)
-#   SEEDS="1 2 3" JOBS=2 bash benchmark/toy_sweep.sh  # the 33 runs the README's tables use
-#   JOBS=2 bash benchmark/toy_sweep.sh          # two at a time, one thread each (what the README's figures used)
+#   JOBS=2 bash benchmark/toy_sweep.sh          # two at a time, one thread each: what the README's tables used
+#   SEEDS="1 2 3" JOBS=2 bash benchmark/toy_sweep.sh  # 33 runs: seeds 1-3 only (seeds 4-5 can follow later)
 #   python benchmark/toy_results.py runs/sweep
 set -euo pipefail
 cd "$(dirname "$0")/.."
