@@ -680,7 +680,8 @@ def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     decoder, mask = model.get_decoder(), batch["response_mask"].bool()
     ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     P = int(mask.any(0).int().argmax()) + 1  # the first response column (response_mask is shifted by one)
-    prompts, rows = torch.unique(ids[:, :P], dim=0, return_inverse=True)  # rows: the distinct prompt of each row
+    # rows: the distinct prompt of each row (ids and mask, so that a pad id inside a prompt cannot merge two prompts)
+    prompts, rows = torch.unique(torch.cat([ids[:, :P], attention[:, :P]], 1), dim=0, return_inverse=True)
     # one plain pass, no cache, when every prompt differs (evaluation) or under gradient checkpointing (its layers drop
     # the cache in training, and the responses would run without their prompt)
     if len(prompts) == len(ids) or (model.is_activation_checkpointing and model.training):
@@ -945,8 +946,8 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def destroy_distributed() -> None:
-    """Leave the process group at the end of a torchrun run: a rank that exits with it alive can abort in gloo's
-    teardown ("terminate called without an active exception") and fail the run after its last checkpoint."""
+    """Leave the process group at the end of a torchrun run, all ranks together, as torch.distributed asks: ranks
+    that exited with it alive were seen to abort at interpreter exit after their last checkpoint (README, Known limits)."""
     global _DIST_DEVICE
     if _DIST_DEVICE is not None:
         import torch.distributed as dist
