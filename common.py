@@ -597,6 +597,19 @@ def vocab_size(tokenizer, *models) -> int:
     return size
 
 
+def shared_prompt_cache(model, ids, attention, positions, rows):
+    """Run the distinct prompts (n, P) through the decoder once into a KV cache, then copy it to the rows that share
+    them (rows[i]: the prompt of row i): (the prompts' final hidden states (n, P, H), a cache of len(rows) rows).
+    Differentiable: gradients reach the prompts' pass through the copies."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                                 use_cache=True).last_hidden_state
+    cache.reorder_cache(rows)
+    return hidden, cache
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, response_ids) per prompt; the response ends at its first eos (kept) or at max_new_tokens.
@@ -606,7 +619,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     padding rows of a wider output matrix are suppressed, so sampled responses are on-policy for the
     distribution that the policy gradient differentiates and the KL compares. Runs in eval mode.
     """
-    from transformers import DynamicCache, GenerationConfig
+    from transformers import GenerationConfig
 
     eos = eos_token_ids(model, tokenizer)
     # top_k=0 and top_p=1.0 must be explicit: unset values fall back to the checkpoint's (Qwen: 20 and 0.8)
@@ -626,14 +639,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         copies = torch.tensor([row[p] for p in chunk]) if len(distinct) < len(chunk) else None  # prompt row of each copy
         enc = tokenizer(distinct, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
         cache = None
-        if copies is not None and enc["input_ids"].shape[1] > 1:
-            cache = DynamicCache(config=model.config)
-            mask = enc["attention_mask"][:, :-1]
-            model.get_decoder()(input_ids=enc["input_ids"][:, :-1], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                                past_key_values=cache, use_cache=True)
-            cache.reorder_cache(copies.to(model.device))
         if copies is not None:
-            enc = {k: v[copies.to(v.device)] for k, v in enc.items()}
+            copies = copies.to(model.device)
+            if enc["input_ids"].shape[1] > 1:
+                mask = enc["attention_mask"][:, :-1]
+                _, cache = shared_prompt_cache(model, enc["input_ids"][:, :-1], mask, (mask.cumsum(1) - 1).clamp(min=0), copies)
+            enc = {k: v[copies] for k, v in enc.items()}
         out = model.generate(**enc, past_key_values=cache, generation_config=config)
         for row_ids, row_mask, row_out in zip(enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]):
             response = row_out.tolist()
@@ -675,8 +686,6 @@ def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     copies, and only the responses run per row. B/G x P + B x R positions instead of B x (P + R); the same hidden
     states up to float rounding (tests/test_common.py), gradients flowing back through the shared cache.
     """
-    from transformers import DynamicCache
-
     decoder, mask = model.get_decoder(), batch["response_mask"].bool()
     ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     P = int(mask.any(0).int().argmax()) + 1  # the first response column (response_mask is shifted by one)
@@ -688,10 +697,7 @@ def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
         return hidden[:, :-1][mask]
     first = torch.zeros(len(prompts), dtype=torch.long, device=ids.device).scatter_(0, rows, torch.arange(len(ids), device=ids.device))
-    cache = DynamicCache(config=model.config)
-    prompt = decoder(input_ids=ids[first, :P], attention_mask=attention[first, :P], position_ids=positions[first, :P],
-                     past_key_values=cache, use_cache=True).last_hidden_state  # (B/G, P, H)
-    cache.reorder_cache(rows)  # (B/G, ...) -> (B, ...): each row gets its prompt's keys and values
+    prompt, cache = shared_prompt_cache(model, ids[first, :P], attention[first, :P], positions[first, :P], rows)  # (B/G, P, H)
     response = decoder(input_ids=ids[:, P:], attention_mask=attention, position_ids=positions[:, P:], past_key_values=cache,
                        use_cache=True).last_hidden_state  # (B, R, H)
     hidden = torch.cat([prompt[rows, -1:], response], 1)  # positions P-1 .. L-1, the only ones that predict responses
