@@ -1,0 +1,153 @@
+"""The fair test of the paper's claim on the toy task: every method's knob tuned alike, in resumable chunks.
+
+Each chunk is a list of training runs (600 steps, the default learning rate, in-run greedy evals every 50 steps) that
+this script runs JOBS at a time, one thread each. After each run it evaluates the final student greedily on all
+problems of the chunk's evaluation split and writes one compact result file,
+benchmark/results/claim/{chunk}/{run}__{seed}.json: the command, the in-run evals, every 10th step's training record
+(rewards, CSR, each loss term's gradient norm), the final eval summary, and per problem whether the answer was correct
+with its mean per-token KL and its summed KL, so that CSR at any budget and either constraint form can be rebuilt
+without the checkpoints. A run whose result file exists is skipped; an interrupted run resumes from its last
+checkpoint (every 100 steps). benchmark/claim_results.py turns the result files into the tables and plots.
+
+Settings are chosen on a validation split: 500 problems held out of the toy training set (seeded), never trained on;
+every run of every chunk trains on the remaining 19,500, so the split is the same for tuning and final runs.
+
+    python benchmark/claim_sweep.py list tune-cmdp             # the chunk's runs as plain commands
+    python benchmark/claim_sweep.py run tune-cmdp --jobs 2     # run it (re-run to resume)
+
+Chunks: tune-cmdp (14 runs: n x advantage normalisation x beta, and the sum form), tune-lagrangian (14: fixed
+lambda on a log grid, dual ascent step size x starting lambda), all at d = 0.05 on the validation split, seed 1.
+"""
+
+import argparse
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmark" / "results" / "claim"
+STEPS = 600
+NUM_VAL = 500
+MEAN_TOKENS = 19.5  # mean response tokens of the starting student (toy build report): d_sum = d x MEAN_TOKENS
+LAMBDAS = ("0.01", "0.03", "0.1", "0.2", "0.3", "0.5", "1", "3")
+DUAL_LRS = ("1", "10", "100")
+DUAL_INITS = ("0", "1")
+
+
+def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
+    """(run name, seed, script and method flags) of every run of a chunk."""
+    runs = []
+    if chunk == "tune-cmdp":
+        for n in ("1", "5", "20"):
+            for norm in ("centred", "std"):
+                for beta in ("0", "1"):
+                    flags = f"--budget 0.05 --penalty {n} --explicit-coef {beta}" + (" --norm-adv-std" * (norm == "std"))
+                    runs.append((f"cmdp_n{n}_{norm}_b{beta}", 1, f"cmdp_distill.py {flags}"))
+        for norm in ("centred", "std"):
+            flags = f"--constraint sum --budget {0.05 * MEAN_TOKENS:g} --penalty 20" + (" --norm-adv-std" * (norm == "std"))
+            runs.append((f"cmdpsum_n20_{norm}_b1", 1, f"cmdp_distill.py {flags}"))
+    elif chunk == "tune-lagrangian":
+        for lam in LAMBDAS:
+            runs.append((f"fixed_l{lam}", 1, f"lagrangian_distill.py --lambda-init {lam} --lambda-lr 0"))
+        for lr in DUAL_LRS:
+            for init in DUAL_INITS:
+                runs.append((f"dual_eta{lr}_l{init}", 1, f"lagrangian_distill.py --budget 0.05 --lambda-init {init} --lambda-lr {lr}"))
+    else:
+        raise SystemExit(f"unknown chunk {chunk!r}: tune-cmdp or tune-lagrangian.")
+    return runs
+
+
+def split_data(out: Path) -> tuple[Path, Path]:
+    """The toy training set less 500 seeded validation problems, and those 500 (written once)."""
+    sys.path.insert(0, str(ROOT))
+    import toy_math
+
+    train_fit, val = out / "data" / "train_fit.jsonl", out / "data" / "val.jsonl"
+    if not val.exists():
+        lines = Path(toy_math.resolve("toy", "train")).read_text().splitlines()
+        held = set(random.Random(0).sample(range(len(lines)), NUM_VAL))
+        val.parent.mkdir(parents=True, exist_ok=True)
+        train_fit.write_text("".join(line + "\n" for i, line in enumerate(lines) if i not in held))
+        val.write_text("".join(lines[i] + "\n" for i in sorted(held)))
+    return train_fit, val
+
+
+def command(name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path) -> str:
+    return (f"python {method} --seed {seed} --num-steps {STEPS} --eval-interval 50 --save-interval 100 "
+            f"--output-dir {out / 'runs'} --exp-name {name} --dataset {train} --eval-dataset {evaluation}")
+
+
+def run_one(chunk: str, name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path) -> str:
+    result = RESULTS / chunk / f"{name}__{seed}.json"
+    if result.exists():
+        return f"done already: {result.name}"
+    cmd = command(name, seed, method, out, train, evaluation)
+    checkpoints = sorted(out.glob(f"runs/{name}__{seed}__*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    log = out / "logs" / f"{name}__{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if not checkpoints or int(checkpoints[-1].name.split("-")[1]) < STEPS:
+        resume = f" --resume {checkpoints[-1]}" if checkpoints else ""
+        with open(log, "a") as f:
+            if subprocess.run(shlex.split(cmd + resume), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
+                return f"FAILED ({log}): {cmd}"
+    run_dir = sorted(out.glob(f"runs/{name}__{seed}__*/checkpoint-{STEPS}"))[-1].parent
+    train_seconds = time.time() - start
+    eval_dir = run_dir / "eval"
+    if not (eval_dir / "summary.json").exists():
+        eval_cmd = (f"python eval_math.py --model {run_dir / f'checkpoint-{STEPS}'} --teacher toy --dataset {evaluation} "
+                    f"--max-new-tokens 64 --batch-size 250 --output-dir {eval_dir}")
+        with open(log, "a") as f:
+            if subprocess.run(shlex.split(eval_cmd), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
+                return f"FAILED eval ({log}): {eval_cmd}"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    per_problem = [json.loads(line) for line in (eval_dir / "results.jsonl").read_text().splitlines()]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    result.parent.mkdir(parents=True, exist_ok=True)
+    compact = {
+        "chunk": chunk, "run": name, "seed": seed, "command": cmd, "commit": commit, "steps": STEPS,
+        "train_seconds_this_call": round(train_seconds), "eval_split": evaluation.name,
+        "in_run_evals": [r for r in records if "eval/accuracy" in r],
+        "train_every_10": [r for r in records if r.get("step", 0) % 10 == 0 and "train/reward" in r],
+        "final_eval": json.loads((eval_dir / "summary.json").read_text()),
+        "correct": [int(r["correct"]) for r in per_problem],
+        "mean_kl": [round(r["mean_kl"], 6) for r in per_problem],
+        "sum_kl": [round(r["mean_kl"] * r["response_tokens"], 6) for r in per_problem],
+    }
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(compact) + "\n")
+    os.replace(tmp, result)
+    return f"finished {result.name} in {train_seconds / 60:.1f} min (acc {compact['final_eval']['accuracy']:.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("list", "run"))
+    parser.add_argument("chunk")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each when > 1)")
+    parser.add_argument("--out", default="runs/claim", help="run folders, logs and the validation split")
+    args = parser.parse_args()
+    runs, out = chunk_runs(args.chunk), (ROOT / args.out).resolve()
+    subprocess.run([sys.executable, "toy_math.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)  # build once, first
+    train, val = split_data(out)
+    if args.action == "list":
+        for name, seed, method in runs:
+            print(command(name, seed, method, out, train, val))
+        return
+    if args.jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # several processes must not oversubscribe the cores
+    start = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for message in pool.map(lambda r: run_one(args.chunk, *r, out, train, val), runs):
+            print(f"[{(time.time() - start) / 60:6.1f} min] {message}", flush=True)
+    print(f"chunk {args.chunk}: {(time.time() - start) / 60:.1f} min with --jobs {args.jobs}")
+
+
+if __name__ == "__main__":
+    main()
