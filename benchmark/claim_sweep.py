@@ -3,7 +3,7 @@
 Each chunk is a list of training runs (600 steps, the default learning rate, in-run greedy evals every 50 steps) that
 this script runs JOBS at a time, one thread each. After each run it evaluates the final student greedily on all
 problems of the chunk's evaluation split and writes one compact result file,
-benchmark/results/claim/{chunk}/{run}__{seed}.json: the command, the in-run evals, every 10th step's training record
+benchmark/results/claim/{chunk}/{run}__{seed}.json: the command, the in-run evals, the training record of every step with gradient diagnostics (every 10th)
 (rewards, CSR, each loss term's gradient norm), the final eval summary, and per problem whether the answer was correct
 with its mean per-token KL and its summed KL, so that CSR at any budget and either constraint form can be rebuilt
 without the checkpoints. A run whose result file exists is skipped; an interrupted run resumes from its last
@@ -40,27 +40,36 @@ DUAL_LRS = ("1", "10", "100")
 DUAL_INITS = ("0", "1")
 
 
+def cmdp_grid(budget: float, penalties=("1", "5", "20"), betas=("0", "1")) -> list[tuple[str, int, str]]:
+    """CMDP's own knobs at one budget: n x advantage normalisation x beta, and the paper's sum form (n = 20, beta = 1)
+    at the equivalent per-response budget d x MEAN_TOKENS."""
+    runs, tag = [], "" if budget == 0.05 else f"_d{budget:g}"
+    for n in penalties:
+        for norm in ("centred", "std"):
+            for beta in betas:
+                flags = f"--budget {budget:g} --penalty {n} --explicit-coef {beta}" + " --norm-adv-std" * (norm == "std")
+                runs.append((f"cmdp_n{n}_{norm}_b{beta}{tag}", 1, f"cmdp_distill.py {flags}"))
+    for norm in ("centred", "std"):
+        flags = f"--constraint sum --budget {budget * MEAN_TOKENS:g} --penalty 20" + " --norm-adv-std" * (norm == "std")
+        runs.append((f"cmdpsum_n20_{norm}_b1{tag}", 1, f"cmdp_distill.py {flags}"))
+    return runs
+
+
+def dual_grid(budget: float) -> list[tuple[str, int, str]]:
+    tag = "" if budget == 0.05 else f"_d{budget:g}"
+    return [(f"dual_eta{lr}_l{init}{tag}", 1, f"lagrangian_distill.py --budget {budget:g} --lambda-init {init} --lambda-lr {lr}")
+            for lr in DUAL_LRS for init in DUAL_INITS]
+
+
 def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
     """(run name, seed, script and method flags) of every run of a chunk."""
-    runs = []
     if chunk == "tune-cmdp":
-        for n in ("1", "5", "20"):
-            for norm in ("centred", "std"):
-                for beta in ("0", "1"):
-                    flags = f"--budget 0.05 --penalty {n} --explicit-coef {beta}" + (" --norm-adv-std" * (norm == "std"))
-                    runs.append((f"cmdp_n{n}_{norm}_b{beta}", 1, f"cmdp_distill.py {flags}"))
-        for norm in ("centred", "std"):
-            flags = f"--constraint sum --budget {0.05 * MEAN_TOKENS:g} --penalty 20" + (" --norm-adv-std" * (norm == "std"))
-            runs.append((f"cmdpsum_n20_{norm}_b1", 1, f"cmdp_distill.py {flags}"))
-    elif chunk == "tune-lagrangian":
-        for lam in LAMBDAS:
-            runs.append((f"fixed_l{lam}", 1, f"lagrangian_distill.py --lambda-init {lam} --lambda-lr 0"))
-        for lr in DUAL_LRS:
-            for init in DUAL_INITS:
-                runs.append((f"dual_eta{lr}_l{init}", 1, f"lagrangian_distill.py --budget 0.05 --lambda-init {init} --lambda-lr {lr}"))
-    else:
-        raise SystemExit(f"unknown chunk {chunk!r}: tune-cmdp or tune-lagrangian.")
-    return runs
+        return cmdp_grid(0.05)
+    if chunk == "tune-lagrangian":  # fixed lambda is budget-free: its front at every budget comes from these runs
+        return [(f"fixed_l{lam}", 1, f"lagrangian_distill.py --lambda-init {lam} --lambda-lr 0") for lam in LAMBDAS] + dual_grid(0.05)
+    if chunk == "tune-d0.1":
+        return cmdp_grid(0.1, penalties=("5", "20"), betas=("1",)) + dual_grid(0.1)
+    raise SystemExit(f"unknown chunk {chunk!r}: tune-cmdp, tune-lagrangian or tune-d0.1.")
 
 
 def split_data(out: Path) -> tuple[Path, Path]:
@@ -106,16 +115,23 @@ def run_one(chunk: str, name: str, seed: int, method: str, out: Path, train: Pat
         with open(log, "a") as f:
             if subprocess.run(shlex.split(eval_cmd), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
                 return f"FAILED eval ({log}): {eval_cmd}"
+    return write_result(result, chunk, name, seed, cmd, run_dir, evaluation, train_seconds)
+
+
+def write_result(result: Path, chunk: str, name: str, seed: int, cmd: str, run_dir: Path, evaluation: Path,
+                 train_seconds: float | None) -> str:
+    """The compact, committed result of one finished and evaluated run (written atomically)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    per_problem = [json.loads(line) for line in (eval_dir / "results.jsonl").read_text().splitlines()]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    per_problem = [json.loads(line) for line in (run_dir / "eval" / "results.jsonl").read_text().splitlines()]
+    config = json.loads((run_dir / "config.json").read_text())
     result.parent.mkdir(parents=True, exist_ok=True)
     compact = {
-        "chunk": chunk, "run": name, "seed": seed, "command": cmd, "commit": commit, "steps": STEPS,
-        "train_seconds_this_call": round(train_seconds), "eval_split": evaluation.name,
+        "chunk": chunk, "run": name, "seed": seed, "command": cmd.replace(str(evaluation.parent.parent), "runs/claim"),
+        "commit": config.get("git_commit"), "steps": STEPS,
+        "train_seconds_this_call": None if train_seconds is None else round(train_seconds), "eval_split": evaluation.name,
         "in_run_evals": [r for r in records if "eval/accuracy" in r],
-        "train_every_10": [r for r in records if r.get("step", 0) % 10 == 0 and "train/reward" in r],
-        "final_eval": json.loads((eval_dir / "summary.json").read_text()),
+        "train_diagnostic_steps": [r for r in records if "losses/pg_grad_norm" in r],  # every 10th step, grad norms
+        "final_eval": json.loads((run_dir / "eval" / "summary.json").read_text()),
         "correct": [int(r["correct"]) for r in per_problem],
         "mean_kl": [round(r["mean_kl"], 6) for r in per_problem],
         "sum_kl": [round(r["mean_kl"] * r["response_tokens"], 6) for r in per_problem],
@@ -123,12 +139,25 @@ def run_one(chunk: str, name: str, seed: int, method: str, out: Path, train: Pat
     tmp = result.with_suffix(".tmp")
     tmp.write_text(json.dumps(compact) + "\n")
     os.replace(tmp, result)
-    return f"finished {result.name} in {train_seconds / 60:.1f} min (acc {compact['final_eval']['accuracy']:.3f})"
+    minutes = "" if train_seconds is None else f" in {train_seconds / 60:.1f} min"
+    return f"finished {result.name}{minutes} (acc {compact['final_eval']['accuracy']:.3f})"
+
+
+def recompact(chunk: str, out: Path, train: Path, evaluation: Path) -> None:
+    """Rewrite the result files of a chunk's finished runs from their run folders (keeps the recorded train time)."""
+    for name, seed, method in chunk_runs(chunk):
+        dirs = sorted(out.glob(f"runs/{name}__{seed}__*/eval/summary.json"))
+        if not dirs:
+            continue
+        result = RESULTS / chunk / f"{name}__{seed}.json"
+        seconds = json.loads(result.read_text()).get("train_seconds_this_call") if result.exists() else None
+        cmd = command(name, seed, method, out, train, evaluation)
+        print(write_result(result, chunk, name, seed, cmd, dirs[-1].parent.parent, evaluation, seconds))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("list", "run"))
+    parser.add_argument("action", choices=("list", "run", "compact"))
     parser.add_argument("chunk")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each when > 1)")
     parser.add_argument("--out", default="runs/claim", help="run folders, logs and the validation split")
@@ -140,6 +169,8 @@ def main() -> None:
         for name, seed, method in runs:
             print(command(name, seed, method, out, train, val))
         return
+    if args.action == "compact":
+        return recompact(args.chunk, out, train, val)
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # several processes must not oversubscribe the cores
     start = time.time()

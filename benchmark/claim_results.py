@@ -1,0 +1,192 @@
+"""Tables and front plots of the claim sweep (benchmark/claim_sweep.py), from its committed compact results alone.
+
+For every run (one result file per run and seed): greedy accuracy on its evaluation split, CSR at each budget (a
+response satisfies the per-token constraint when its mean per-token KL <= d), the fraction both correct and within
+budget, how many steps the in-run evals (200 problems, every 50 steps) took to settle, and the median gradient norms
+of the two loss terms. Then, per budget, each method family's Pareto front of greedy accuracy against CSR over its
+settings, one plot per budget (docs/claim_fronts_d{d}.png) with the starting student and the teacher as reference
+points, and the setting each family would choose on the validation split (highest "correct and within budget").
+
+    python benchmark/claim_results.py                   # prints the markdown tables; plots need matplotlib==3.11.2
+    python benchmark/claim_results.py --out /tmp/plots  # plots elsewhere than docs/
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmark" / "results" / "claim"
+BUDGETS = (0.05, 0.1)
+FAMILIES = {"cmdp": "CMDP (per-token mean)", "cmdpsum": "CMDP (sum form)", "dual": "dual ascent", "fixed": "fixed lambda"}
+COLOURS = {"cmdp": "tab:blue", "cmdpsum": "tab:cyan", "dual": "tab:orange", "fixed": "tab:green"}
+SETTLE_TOL = {"eval/accuracy": 0.03, "eval/csr": 0.05}  # in-run evals: 200 problems, standard error about 0.02-0.03
+
+
+def load(results: Path) -> dict[str, list[dict]]:
+    """Run name -> its result files (one per seed)."""
+    runs = defaultdict(list)
+    for path in sorted(results.glob("*/*.json")):
+        if path.parent.name == "reference":
+            continue
+        r = json.loads(path.read_text())
+        for key in ("correct", "mean_kl", "sum_kl"):
+            r[key] = np.array(r[key], dtype=float)
+        runs[r["run"]].append(r)
+    return runs
+
+
+def reference(split: Path, name: str) -> dict:
+    """The starting student's or the teacher's greedy eval on `split` (computed once, then read from its file)."""
+    out = RESULTS / "reference" / f"{name}__{split.stem}.json"
+    if not out.exists():
+        sys.path.insert(0, str(ROOT))
+        import toy_math
+
+        tmp = ROOT / "runs" / "claim" / f"reference_{name}_{split.stem}"
+        subprocess.run([sys.executable, "eval_math.py", "--model", toy_math.resolve("toy", name), "--teacher", "toy", "--dataset",
+                        str(split), "--max-new-tokens", "64", "--batch-size", "250", "--output-dir", str(tmp)], cwd=ROOT, check=True)
+        rows = [json.loads(line) for line in (tmp / "results.jsonl").read_text().splitlines()]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"run": name, "correct": [int(r["correct"]) for r in rows],
+                                   "mean_kl": [round(r["mean_kl"], 6) for r in rows]}) + "\n")
+    r = json.loads(out.read_text())
+    return {k: np.array(r[k], dtype=float) for k in ("correct", "mean_kl")}
+
+
+def family(name: str) -> str:
+    return name.split("_")[0]
+
+
+def own_budget(r: dict) -> float | None:
+    """The per-token budget a run was trained for (the sum form's per-response budget / MEAN_TOKENS); None if budget-free."""
+    words = r["command"].split()
+    if family(r["run"]) == "fixed":
+        return None
+    budget = float(words[words.index("--budget") + 1])
+    return round(budget / 19.5, 4) if "--constraint" in words else budget
+
+
+def settle_step(r: dict, key: str) -> int:
+    """First in-run eval step from which every later eval stays within SETTLE_TOL of the mean of the last three."""
+    evals = [(e["step"], e[key]) for e in r["in_run_evals"]]
+    final = np.mean([v for _, v in evals[-3:]])
+    for i, (step, _) in enumerate(evals):
+        if all(abs(v - final) <= SETTLE_TOL[key] for _, v in evals[i:]):
+            return step
+    return evals[-1][0]
+
+
+def metrics(r: dict, budget: float) -> dict:
+    within = r["mean_kl"] <= budget
+    diag = r.get("train_diagnostic_steps", [])
+    pg = np.median([d["losses/pg_grad_norm"] for d in diag]) if diag else float("nan")
+    kl = np.median([d["losses/kl_grad_norm"] for d in diag]) if diag else float("nan")
+    return dict(acc=r["correct"].mean(), csr=within.mean(), both=(within & (r["correct"] > 0)).mean(), kl=r["mean_kl"].mean(),
+                settle_acc=settle_step(r, "eval/accuracy"), settle_csr=settle_step(r, "eval/csr"), pg=pg, klg=kl)
+
+
+def cell(values: list[float], fmt: str = ".3f") -> str:
+    return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}" if len(values) > 1 else f"{values[0]:{fmt}}"
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points not dominated on (CSR, accuracy), sorted by CSR."""
+    return sorted(p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in points))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--split", type=Path, default=ROOT / "runs" / "claim" / "data" / "val.jsonl",
+                        help="the split the tuning runs were evaluated on (for the reference rows; written by claim_sweep.py)")
+    args = parser.parse_args()
+    runs = load(args.results)
+    if not runs:
+        raise SystemExit(f"no result files under {args.results}: run benchmark/claim_sweep.py first.")
+    refs = {}
+    if (RESULTS / "reference").exists() or args.split.exists():
+        refs = {name: reference(args.split, name) for name in ("student", "teacher")}
+    lines, chosen = [], {}
+    for budget in BUDGETS:
+        lines += [f"### Budget d = {budget} (validation split, greedy; CSR: mean per-token KL <= {budget})", "",
+                  "| run | trained for d | seeds | accuracy | CSR | correct and within | mean KL | settled by step (acc / CSR) "
+                  "| median grad norm, PG / cost term |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, ref in refs.items():
+            within = ref["mean_kl"] <= budget
+            lines.append(f"| {name} (reference) | - | - | {ref['correct'].mean():.3f} | {within.mean():.3f} | "
+                         f"{(within & (ref['correct'] > 0)).mean():.3f} | {ref['mean_kl'].mean():.3f} | - | - |")
+        rows = []
+        for name, rs in sorted(runs.items(), key=lambda kv: (list(FAMILIES).index(family(kv[0])), kv[0])):
+            trained = own_budget(rs[0])
+            if trained not in (None, budget):
+                continue
+            ms = [metrics(r, budget) for r in rs]
+            rows.append((name, ms))
+            get = lambda k: [m[k] for m in ms]  # noqa: E731
+            lines.append(f"| {name} | {trained if trained else 'any'} | {len(rs)} | {cell(get('acc'))} | {cell(get('csr'))} | "
+                         f"{cell(get('both'))} | {cell(get('kl'))} | {np.mean(get('settle_acc')):.0f} / "
+                         f"{np.mean(get('settle_csr')):.0f} | {np.mean(get('pg')):.2g} / {np.mean(get('klg')):.2g} |")
+        lines.append("")
+        best = {}
+        for name, ms in rows:
+            f, score = family(name), np.mean([m["both"] for m in ms])
+            if f not in best or score > best[f][1]:
+                best[f] = (name, score)
+        chosen[budget] = {f: name for f, (name, _) in best.items()}
+        lines += [f"Chosen on validation at d = {budget} (highest correct-and-within): "
+                  + ", ".join(f"{FAMILIES[f]}: `{name}` ({score:.3f})" for f, (name, score) in best.items()), ""]
+        plot_front(budget, rows, refs, args.out)
+    table = "\n".join(lines)
+    print(table)
+    (args.results / "tables.md").write_text(table + "\n")
+    (args.results / "chosen.json").write_text(json.dumps({str(b): c for b, c in chosen.items()}, indent=1) + "\n")
+
+
+def plot_front(budget: float, rows: list, refs: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: pip install matplotlib==3.11.2")
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    by_family = defaultdict(list)
+    for name, ms in rows:
+        x, y = np.mean([m["csr"] for m in ms]), np.mean([m["acc"] for m in ms])
+        by_family[family(name)].append((x, y, name))
+        if len(ms) > 1:
+            ax.errorbar(x, y, xerr=np.std([m["csr"] for m in ms]), yerr=np.std([m["acc"] for m in ms]), color=COLOURS[family(name)],
+                        capsize=2, lw=0.8)
+    for f, points in by_family.items():
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=22, alpha=0.45, color=COLOURS[f])
+        front = pareto(points)
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-o", ms=5, color=COLOURS[f], label=f"{FAMILIES[f]} ({len(points)} settings)")
+        if f == "fixed":
+            for x, y, name in points:
+                ax.annotate(name.removeprefix("fixed_l"), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points", color=COLOURS[f])
+    for name, ref in refs.items():
+        ax.scatter([(ref["mean_kl"] <= budget).mean()], [ref["correct"].mean()], marker="*", s=180,
+                   color="black" if name == "teacher" else "gray", label=f"{name} (reference)", zorder=5)
+    ax.set_xlabel(f"CSR at d = {budget} (fraction of greedy responses with mean per-token KL <= d)")
+    ax.set_ylabel("greedy accuracy (validation, 500 problems)")
+    ax.set_title(f"Accuracy vs constraint satisfaction, d = {budget}, 600 steps (lines: each method's Pareto front)", fontsize=9)
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"claim_fronts_d{budget}.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
