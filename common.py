@@ -1,9 +1,13 @@
 """Shared plumbing for cmdp_distill.py, lagrangian_distill.py and eval_math.py.
 
-Plumbing only: model/tokenizer loading, data loading and prompt rendering, the one answer grader
-(training reward and evaluation accuracy), exact per-token KL and log-probs, batched generation,
-evaluation, run directories, metrics and checkpoints. The methods themselves live in the scripts.
-Importing this module has no side effects.
+Plumbing only: model/tokenizer loading, data loading and prompt rendering, the one answer grader (training reward
+and evaluation accuracy), exact per-token KL and log-probs from hidden states, batched generation and scoring,
+evaluation, run folders, metrics and checkpoints, data parallelism and the off-policy KD warm-up. The methods
+themselves live in the scripts. Importing this module has no side effects; bad input raises InputError (a
+ValueError), which the scripts print as one sentence.
+
+Shapes: B rows of a batch, T = the padded length minus one (positions that predict a next token), N the response
+tokens of a batch (the True entries of its (B, T) response mask), H a hidden size, V the tokenizer's ids.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import ctypes
 import functools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -21,12 +26,37 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+class InputError(ValueError):
+    """Bad input (a flag, a file, a model that does not fit the method): the scripts print it as one sentence."""
+
+
+def one_sentence(error: BaseException) -> str:
+    """What a script prints for bad input or a model or dataset that cannot load: the error's first line; for an
+    OSError (a hub id without network, a missing file) also its type and how to work from local copies."""
+    first = (str(error).strip().splitlines() or [""])[0].rstrip(". ")
+    if isinstance(error, InputError):
+        return first + "."
+    return (
+        f"{type(error).__name__}: {first}; without the network, pass local copies: a model folder "
+        "(`hf download ID --local-dir DIR`) or a .jsonl file of problems."
+    )
+
+
+def check_finite(args) -> None:
+    """Every float field of a tyro Args dataclass holds a finite number (tyro parses nan and inf as floats)."""
+    for field in fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+
 
 # ---------------------------------------------------------------------------------------------
 # Models and tokenizers
@@ -54,44 +84,14 @@ def _split_gguf(path: str) -> tuple[str, dict]:
     return path, {}
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
 def check_model_path(path: str, what: str) -> None:
     """Fail before any loading on a path that is neither an existing file/folder nor a hub id."""
-    if not os.path.exists(os.path.expanduser(path)) and (path.endswith(".gguf") or not _HUB_ID.fullmatch(path)):
-        raise SystemExit(f"{what} {path!r} does not exist; pass a local model folder, a .gguf file, a hub id like Qwen/Qwen2.5-Math-1.5B-Instruct, or 'toy'.")
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    """How transformers, datasets and huggingface_hub report a hub repository they cannot reach or find:
-    OSError and its subclasses (ConnectionError, FileNotFoundError, the hub's HTTP errors), plus the hub's
-    two that are not OSErrors (an entry not found, an invalid repository id)."""
-    from huggingface_hub import errors
-
-    return (OSError, errors.HfHubHTTPError, errors.EntryNotFoundError, errors.HFValidationError)
-
-
-def _hub_failure(what: str, name: str, err: BaseException, remedy: str) -> SystemExit:
-    """One sentence for a hub name that did not load: what, why (the library's first line), how to go local."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    chain, cause = [], err
-    while cause is not None and len(chain) < 10:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    guess = "no such repository, or a private/gated one?" if any(isinstance(e, RepositoryNotFoundError) for e in chain) else "offline?"
-    reason = (str(err).strip().splitlines() or [""])[0][:200].rstrip(". ")
-    return SystemExit(f"could not load {what} {name} from the Hugging Face hub ({guess} {type(err).__name__}: {reason}); {remedy}.")
-
-
-def _from_hub(path: str) -> bool:
-    return not os.path.exists(os.path.expanduser(path))
-
-
-def _local_model_remedy(path: str) -> str:
-    return (f"where you have access run `hf download {path} --local-dir {path.rsplit('/', 1)[-1]}`, "
-            "copy that folder here and pass its path in place of the hub id")
+    is_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) and not path.endswith(".gguf")
+    if not os.path.exists(os.path.expanduser(path)) and not is_hub_id:
+        raise InputError(
+            f"{what} {path!r} does not exist; pass a local model folder, a .gguf file, a hub id like "
+            "Qwen/Qwen2.5-Math-1.5B-Instruct, or 'toy'"
+        )
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -99,12 +99,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     folder, extra = _split_gguf(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
-    except _hub_errors() as e:
-        if not _from_hub(path):  # a local folder or file: its own error says what is wrong with it
-            raise
-        raise _hub_failure("the tokenizer of", path, e, _local_model_remedy(path)) from None
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -116,12 +111,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote
     from transformers import AutoModelForCausalLM
 
     folder, extra = _split_gguf(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-    except _hub_errors() as e:
-        if not _from_hub(path):
-            raise
-        raise _hub_failure("model", path, e, _local_model_remedy(path)) from None
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     quantizer = getattr(model, "hf_quantizer", None)
     if extra and quantizer is not None and not any("Gguf" in type(m).__name__ for m in model.modules()):
         # GGUF weights were dequantized to plain tensors, but the GGUF quantizer left attached refuses
@@ -129,7 +119,10 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote
         quantizer.remove_quantization_config(model)
     head = model.get_output_embeddings()
     if getattr(model.config, "final_logit_softcapping", None) or getattr(head, "bias", None) is not None:
-        raise SystemExit(f"{path}: its logits are not final_hidden @ lm_head.weight (logit soft-capping or an lm_head bias), which the exact KL here assumes.")
+        raise InputError(
+            f"{path}: its logits are not final_hidden @ lm_head.weight (logit soft-capping or an "
+            "lm_head bias), which the exact KL here assumes"
+        )
     return model.to(device)
 
 
@@ -139,22 +132,24 @@ def check_same_tokenizer(student_tok, teacher_tok) -> None:
     bad = [t for t, i in student_vocab.items() if teacher_vocab.get(t) != i]
     probe = "Natalia sold 48/2 = 24 clips in May.\n\\boxed{\\frac{1}{2}} #### 72 ünïcode"
     if bad or student_tok(probe)["input_ids"] != teacher_tok(probe)["input_ids"]:
-        example = f" (e.g. {bad[0]!r}: student id {student_vocab[bad[0]]}, teacher id {teacher_vocab.get(bad[0])})" if bad else ""
-        raise SystemExit(f"teacher and student tokenizers differ{example}; distillation here needs the same token ids, so use models of one family.")
+        example = f" (e.g. {bad[0]!r}: student id {student_vocab[bad[0]]}, teacher id {teacher_vocab.get(bad[0])})"
+        raise InputError(
+            f"teacher and student tokenizers differ{example if bad else ''}; distillation here needs "
+            "the same token ids, so use models of one family"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Data and prompts
 # ---------------------------------------------------------------------------------------------
 
-HUB_DATASETS = {  # name -> (hub id, config)
-    "gsm8k": ("openai/gsm8k", "main"),
-    "math500": ("HuggingFaceH4/MATH-500", None),
-    "gsm_symbolic": ("apple/GSM-Symbolic", "main"),  # GSM8K fields (question, answer with #### N)
-    "gsm_symbolic_p1": ("apple/GSM-Symbolic", "p1"),
-    "gsm_symbolic_p2": ("apple/GSM-Symbolic", "p2"),
+HUB_DATASETS = {  # name -> (hub id, config, splits)
+    "gsm8k": ("openai/gsm8k", "main", ("train", "test")),
+    "math500": ("HuggingFaceH4/MATH-500", None, ("test",)),
+    "gsm_symbolic": ("apple/GSM-Symbolic", "main", ("test",)),  # GSM8K fields (question, answer with #### N)
+    "gsm_symbolic_p1": ("apple/GSM-Symbolic", "p1", ("test",)),
+    "gsm_symbolic_p2": ("apple/GSM-Symbolic", "p2", ("test",)),
 }
-HUB_SPLITS = {"gsm8k": ("train", "test"), "math500": ("test",), "gsm_symbolic": ("test",), "gsm_symbolic_p1": ("test",), "gsm_symbolic_p2": ("test",)}
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -166,49 +161,50 @@ def _problem_from_row(row: dict) -> dict:
         return {"question": row["problem"], "answer": str(row["answer"])}
     if "Body" in row and "Question" in row and "Answer" in row:  # SVAMP
         answer = float(row["Answer"])
-        return {"question": f"{row['Body'].strip()} {row['Question'].strip()}", "answer": str(int(answer)) if answer.is_integer() else str(answer)}
+        answer = str(int(answer)) if answer.is_integer() else str(answer)
+        return {"question": f"{row['Body'].strip()} {row['Question'].strip()}", "answer": answer}
     raise KeyError("expected fields question/answer (GSM8K), problem/answer (MATH) or Body/Question/Answer (SVAMP)")
 
 
 def _read_problem_file(name: str) -> list[dict]:
-    """Problems from a .jsonl/.json file; SystemExit naming the file and line of the first bad row."""
+    """Problems from a .jsonl/.json file; InputError naming the file and line of the first bad row."""
     path = Path(name).expanduser()
     if not path.is_file():
-        raise SystemExit(f"dataset {name!r} is neither a known name ({', '.join(['toy', *HUB_DATASETS])}) nor an existing .jsonl/.json file.")
-    if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"line {lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}: line {lineno} is not valid JSON ({e.msg}).") from None
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
-        rows = [(f"item {i}", row) for i, row in enumerate(data if isinstance(data, list) else [data])]
-    else:
-        raise SystemExit(f"dataset file {path} must end in .jsonl or .json, not {path.suffix!r}.")
-    problems = []
-    for where, row in rows:
-        try:
-            problems.append(_problem_from_row(row))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise SystemExit(f"{path}: {where} is not a problem: {e}.") from None
+        raise InputError(
+            f"dataset {name!r} is neither a known name ({', '.join(['toy', *HUB_DATASETS])}) nor an "
+            "existing .jsonl/.json file"
+        )
+    if path.suffix not in (".jsonl", ".json"):
+        raise InputError(f"dataset file {path} must end in .jsonl or .json, not {path.suffix!r}")
+    text, rows = path.read_text(encoding="utf-8"), []
+    try:
+        if path.suffix == ".jsonl":
+            for lineno, line in enumerate(text.splitlines(), 1):
+                where = f"line {lineno}"
+                rows += [(where, json.loads(line))] if line.strip() else []
+        else:
+            where, data = "the file", json.loads(text)
+            rows = [(f"item {i}", row) for i, row in enumerate(data if isinstance(data, list) else [data])]
+        problems = [_problem_from_row(row) for where, row in rows]
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: {where} is not valid JSON ({e.msg})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: {where} is not a problem: {e}") from None
     if not problems:
-        raise SystemExit(f"dataset file {path} holds no problems.")
+        raise InputError(f"dataset file {path} holds no problems")
     return problems
 
 
 def check_dataset(name: str, split: str | None = None) -> None:
     """Fail early (before any model loads or the toy task is built) on a dataset that cannot load: an
     unknown name, a split that a hub dataset lacks, or a missing or malformed file (parsed in full)."""
-    if name in HUB_SPLITS and split is not None and split not in HUB_SPLITS[name]:
-        repo, config = HUB_DATASETS[name]
-        raise SystemExit(f"dataset {name} ({repo}{f', config {config}' if config else ''}) has only the split(s) {', '.join(HUB_SPLITS[name])}, not {split!r}: "
-                         f"to train, pass a local .jsonl file as --dataset and {name} as --eval-dataset.")
+    if name in HUB_DATASETS and split is not None and split not in HUB_DATASETS[name][2]:
+        repo, config, splits = HUB_DATASETS[name]
+        raise InputError(
+            f"dataset {name} ({repo}{f', config {config}' if config else ''}) has only the split(s) "
+            f"{', '.join(splits)}, not {split!r}: to train, pass a local .jsonl file as --dataset and "
+            f"{name} as --eval-dataset"
+        )
     if name != "toy" and name not in HUB_DATASETS:
         _read_problem_file(name)
 
@@ -220,16 +216,8 @@ def load_problems(name: str, split: str = "test") -> list[dict]:
     import datasets
 
     check_dataset(name, split)
-    repo, config = HUB_DATASETS[name]
-    try:
-        rows = datasets.load_dataset(repo, config, split=split)
-    except _hub_errors() as e:
-        fields = "problem/answer fields" if name == "math500" else "question/answer fields, the answer ending in #### N"
-        remedy = (f"where you have access run `python -c \"import datasets; datasets.load_dataset('{repo}', {config!r}, split='{split}')"
-                  f".to_json('{name}_{split}.jsonl')\"`, copy that file here and pass it, e.g. --dataset {name}_{split}.jsonl "
-                  f"(any .jsonl with {fields})")
-        raise _hub_failure("dataset", repo + (f" (config {config})" if config else ""), e, remedy) from None
-    return [_problem_from_row(row) for row in rows]
+    repo, config, _ = HUB_DATASETS[name]
+    return [_problem_from_row(row) for row in datasets.load_dataset(repo, config, split=split)]
 
 
 def render_prompt(tokenizer, question: str) -> str:
@@ -247,19 +235,23 @@ def render_prompt(tokenizer, question: str) -> str:
 # "Final Answer:". No marker, no reward: a last-number fallback pays truncated and degenerate text, so it
 # lives only in is_correct_lenient (evaluation's lenient_accuracy). Equivalence is Math-Verify's (the
 # verifier of TRL's accuracy reward and open-r1), on its LaTeX path only: its ExprExtractionConfig path
-# runs sympy's parse_expr, an eval, on model text. Its signal.alarm timeouts fail outside the main thread,
-# so each comparison runs under _within instead, and what no watchdog can interrupt, one huge integer
-# computed in C, is refused before sympy sees it (_UNPARSABLE, _digits).
+# runs sympy's parse_expr, an eval, on model text. Its signal.alarm timeouts work in the main thread only,
+# so each comparison runs under _within instead; what no Python-level timeout can interrupt, one huge
+# integer computed in C, is refused before sympy computes it (_UNPARSABLE, _digits).
 
-_MARKER = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])|(?<!#)####(?!#)|\b(?:the|final)\s+answer\s+is\b(?!\s+(?:correct|right|wrong|incorrect|not)\b)"
-                     r"|\bfinal\s+answer\b(?:\s*\*\*)?\s*(?::|\n)", re.IGNORECASE)
-_HEADING = re.compile(r"[^\S\n]*(?:\*\*)?[^\S\n]*(?:[A-Za-z]{2,}|\d+[.):][^\S\n]+[A-Za-z]|#)")  # `#### Step 2`, `#### 1. Costs`
-_SENTENCE_END, _SENTENCE_BREAK = re.compile(r"\.(?:\s|$)|\bI hope\b"), re.compile(r"[.!?](?=\s)|\n\s*\n")  # not a decimal point
+_MARKER = re.compile(
+    r"\\(?:boxed|fbox)(?![a-zA-Z])|(?<!#)####(?!#)|\b(?:the|final)\s+answer\s+is\b(?!\s+(?:correct|right|wrong|"
+    r"incorrect|not)\b)|\bfinal\s+answer\b(?:\s*\*\*)?\s*(?::|\n)",
+    re.IGNORECASE,
+)
+_HEADING = re.compile(r"[^\S\n]*(?:\*\*)?[^\S\n]*(?:[A-Za-z]{2,}|\d+[.):][^\S\n]+[A-Za-z]|#)")  # `#### Step 2`
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\bI hope\b")  # not a decimal point
+_SENTENCE_BREAK = re.compile(r"[.!?](?=\s)|\n\s*\n")
 _MATH_SPAN = re.compile(r"\$\$?[^$]+\$\$?")
 _WORD = re.compile(r"(?<![\\a-zA-Z])(?!(?:and|or|percent|percentage|pct)\b)[a-zA-Z]{3,}")  # not a LaTeX command
 _INTEGER = re.compile(r"[-+]?\d{1,1000}")
 _LAST_NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\w)")
-# Done in C while parsing, where no watchdog reaches: reading 1E999999 takes a minute, \binom{100000}{50000} a second.
+# Done in C while parsing, where no timeout reaches: reading 1E999999 takes a minute, \binom{100000}{50000} a second.
 _UNPARSABLE = re.compile(r"\d\s*E\s*[-+]?\s*\d{3}|(?:binom|choose).*\d{5}")
 _MAX_MARKERS, _MAX_ANSWER_CHARS = 8, 1000  # markers tried from the last one back; characters read after one
 _MAX_PARSE_CHARS = 300  # longer answers compare as strings (MATH-500's longest gold answer has 53 characters)
@@ -304,7 +296,11 @@ def _value(answer: str) -> str:
     """The value a sentence names ("Jane started 3 hours ago", "the largest $n$ is 34", "12 ways"): what
     follows its last " is ", else its one math span or one number; any other answer as it is."""
     if _WORD.search(_MATH_SPAN.sub(" ", answer)):
-        after_is, spans, numbers = answer.rsplit(" is ", 1)[-1], _MATH_SPAN.findall(answer), _LAST_NUMBER.findall(answer)
+        after_is, spans, numbers = (
+            answer.rsplit(" is ", 1)[-1],
+            _MATH_SPAN.findall(answer),
+            _LAST_NUMBER.findall(answer),
+        )
         if " is " in answer and re.search(r"[\d$\\]", after_is):
             return after_is.strip()
         if len(spans) == 1 or len(numbers) == 1:
@@ -328,24 +324,25 @@ class _OutOfTime(BaseException):
 
 
 def _within(fn):
-    """fn(), or _OutOfTime raised in it by a watchdog thread once it used _CPU_SECONDS of CPU (so load does not
-    change verdicts) or _WALL_SECONDS: PyThreadState_SetAsyncExc, as stopit's ThreadingTimeout, works in any
-    thread and costs nothing until it fires. It lands between two bytecodes, so sympy's flags are reset."""
-    thread, lock, done, fired = threading.get_ident(), threading.Lock(), threading.Event(), []
-    clock = time.pthread_getcpuclockid(thread) if hasattr(time, "pthread_getcpuclockid") else None
-    cpu_start, wall_start = time.clock_gettime(clock) if clock else 0.0, time.perf_counter()
+    """fn(), or _OutOfTime once it has used _CPU_SECONDS of its thread's CPU (so that load does not change verdicts)
+    or _WALL_SECONDS: a watchdog thread raises it in the calling thread with PyThreadState_SetAsyncExc (as stopit
+    does), which works in any thread. It lands between two bytecodes, after which sympy's global flags are reset."""
+    thread, lock, done = threading.get_ident(), threading.Lock(), threading.Event()
+    clock = time.pthread_getcpuclockid(thread)
+    cpu_start, wall_start = time.clock_gettime(clock), time.perf_counter()
 
     def watch():
         while not done.wait(0.01):
             try:
-                cpu = time.clock_gettime(clock) - cpu_start if clock else 0.0
+                over = time.clock_gettime(clock) - cpu_start > _CPU_SECONDS
             except OSError:  # the thread has just ended
                 return
-            if cpu > _CPU_SECONDS or time.perf_counter() - wall_start > _WALL_SECONDS:
+            if over or time.perf_counter() - wall_start > _WALL_SECONDS:
                 with lock:
                     if not done.is_set():
-                        fired.append(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(_OutOfTime)))
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(_OutOfTime))
                 return
+
     threading.Thread(target=watch, daemon=True).start()
     try:
         try:
@@ -353,8 +350,7 @@ def _within(fn):
         finally:
             with lock:
                 done.set()
-                if fired:  # cancel it, should it still be pending
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)  # one still pending
     except _OutOfTime:
         from sympy.core.parameters import global_parameters
 
@@ -368,17 +364,29 @@ def _math_verify():
     prediction cache, sympy's lazy imports) before any watchdog runs."""
     from math_verify import LatexExtractionConfig, parse, verify
 
-    parse = functools.partial(parse, extraction_config=[LatexExtractionConfig(boxed_match_priority=0)], parsing_timeout=None)
+    parse = functools.partial(
+        parse, extraction_config=[LatexExtractionConfig(boxed_match_priority=0)], parsing_timeout=None
+    )
     verify = functools.partial(verify, timeout_seconds=None)
-    logger, level = logging.getLogger("math_verify"), logging.getLogger("math_verify").level
-    logger.setLevel(logging.ERROR)  # its once-only warning that there is no timeout: _within is the timeout
-    try:
-        for answer in [r"\left( \frac{1}{2}, -3 \right)", r"[0,1) \cup (2,\infty)", r"x \in [-2, 7]", r"\frac{x^2}{4} + y^2/9 = 1",
-                       "(p,q) = (1,2)", r"50\%", r"90^\circ", r"\pm \sqrt{2}", r"10 \text{ cm}", r"\dfrac{\pi}{6}", "4210_5", "|x-1|",
-                       r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\sin x + \cos^2 x", r"\log_2 8", "5!", "1,234", r"\text{(A)}"]:
-            verify(parse("\\boxed{x+1}"), parse("\\boxed{" + answer + "}"))
-    finally:
-        logger.setLevel(level)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its warning that there is no timeout: _within is
+    for answer in [
+        r"\left( \frac{1}{2}, -3 \right)",
+        r"[0,1) \cup (2,\infty)",
+        r"x \in [-2, 7]",
+        r"\pm \sqrt{2}",
+        r"\frac{x^2}{4} + y^2/9 = 1",
+        r"50\%",
+        r"90^\circ",
+        r"10 \text{ cm}",
+        "4210_5",
+        "|x-1|",
+        "5!",
+        r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}",
+        r"\sin x + \cos^2 x",
+        r"\log_2 8",
+        r"\text{(A)}",
+    ]:
+        verify(parse("\\boxed{x+1}"), parse("\\boxed{" + answer + "}"))
     return parse, verify
 
 
@@ -422,7 +430,7 @@ def _equivalent(pred: str, gold) -> bool:
         return False
     if pred == gold:
         return True
-    if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(gold):  # two integers: what Math-Verify would say, ~1000x sooner
+    if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(gold):  # what Math-Verify would say, ~1000x sooner
         return int(pred) == int(gold)
     verify = _math_verify()[1]  # imports and warm-up stay outside the watchdog
     try:
@@ -448,54 +456,45 @@ def is_correct_lenient(response: str, gold) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact KL and log-probs
+# Exact KL and log-probs from final hidden states
 # ---------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------
-# Exact per-token reverse KL(student || teacher), computed a chunk of positions
-# at a time. Why: with Qwen's 151,936-token vocabulary, full [tokens x vocab]
-# float32 logits for 16k tokens are ~10 GB per copy, and a naive autograd graph
-# keeps several such copies (logits, log-softmax, probs, ...) alive for backward.
-# Every path below saves only its inputs and recomputes each chunk in backward,
-# so extra memory is O(chunk x vocab) plus the gradients themselves.
-# ---------------------------------------------------------------------------
+# With Qwen's 151,936-token vocabulary, full (tokens x vocab) float32 logits for 16k tokens are ~10 GB per copy,
+# and a naive autograd graph keeps several such copies (logits, log-softmax, probs) alive for backward. Here the
+# logits only ever exist a chunk of positions at a time: forward saves its inputs, backward recomputes each chunk,
+# so the extra memory is O(chunk x vocab) plus the gradients themselves.
 
 
 def _logits(h, w, v):
-    """Chunk logits (n, v) in >= float32: h (n, H) @ w[:v].T, or h[:, :v] if w is None (h are logits)."""
-    z = h[:, :v] if w is None else h.to(w.dtype) @ w[:v].t()  # matmul stays in the input dtype (bf16 speed)
-    return z.to(torch.promote_types(z.dtype, torch.float32))  # softmax in fp32; fp64 kept for gradcheck
+    """Chunk logits (n, v) in >= float32: the matmul in the weights' dtype (bf16 speed), the softmax in fp32."""
+    z = h.to(w.dtype) @ w[:v].t()
+    return z.to(torch.promote_types(z.dtype, torch.float32))
 
 
 def _chunk(hs, ws, ht, wt, y, v):
-    """One chunk -> (p_s (n, v), ls - lt (n, v) or None, kl (n,), lp_s (n,), lp_t (n,))."""
+    """One chunk: (p_s (n, v), log p_s - log p_t (n, v) or None, kl (n,), lp_s (n,), lp_t (n,))."""
     ls = F.log_softmax(_logits(hs, ws, v), -1)
-    p = ls.exp()
-    zero = ls.new_zeros(ls.shape[0])
-    d, kl, lps, lpt = None, zero, zero, zero
-    idx, ok = (None, None) if y is None else (y.clamp(min=0)[:, None], y >= 0)  # y < 0: ignored (padding)
-    if y is not None:
-        lps = ls.gather(1, idx)[:, 0] * ok
+    p, idx, ok = ls.exp(), y.clamp(min=0)[:, None], y >= 0  # y < 0: padding, ignored
+    lps, d, kl, lpt = ls.gather(1, idx)[:, 0] * ok, None, ls.new_zeros(len(ls)), ls.new_zeros(len(ls))
     if ht is not None:
         lt = F.log_softmax(_logits(ht, wt, v), -1)
-        if y is not None:
-            lpt = lt.gather(1, idx)[:, 0] * ok
+        lpt = lt.gather(1, idx)[:, 0] * ok
         d = lt.neg_().add_(ls)  # reuse lt's buffer: d = log p_s - log p_t
         kl = (p * d).sum(-1)  # elementwise, not bmm: a TF32-enabled matmul would cost KL precision
     return p, d, kl, lps, lpt
 
 
 class _ChunkedKL(torch.autograd.Function):
-    """hs (N, H_s) with ws (V_s, H_s), or student logits hs (N, V_s) with ws None; teacher likewise (may be
-    None); tokens (N,) long or None. Returns kl, lp_s, lp_t, each (N,). Saves only the inputs; backward
-    recomputes every chunk's logits, so activation memory is O(chunk x vocab), never O(N x vocab)."""
+    """hs (N, H_s) with ws (V_s, H_s); teacher ht (N, H_t) with wt (V_t, H_t), or both None; tokens (N,) long.
+    Returns kl, lp_s, lp_t, each (N,). Saves only the inputs; backward recomputes every chunk's logits."""
 
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, tokens, chunk, v):
-        outs = [torch.cat(o) for o in zip(*(
-            _chunk(hs[i:i + chunk], ws, None if ht is None else ht[i:i + chunk], wt,
-                   None if tokens is None else tokens[i:i + chunk], v)[2:]
-            for i in range(0, max(hs.shape[0], 1), chunk)))]  # max: an empty input still yields outputs
+        starts = range(0, max(len(hs), 1), chunk)  # max: an empty input still yields outputs
+        parts = [
+            _chunk(hs[i : i + chunk], ws, None if ht is None else ht[i : i + chunk], wt, tokens[i : i + chunk], v)
+            for i in starts
+        ]
+        outs = [torch.cat(o) for o in list(zip(*parts))[2:]]
         ctx.save_for_backward(hs, ws, ht, wt, tokens)
         ctx.chunk, ctx.v = chunk, v
         ctx.mark_non_differentiable(outs[2])  # teacher logprobs are constants
@@ -505,74 +504,69 @@ class _ChunkedKL(torch.autograd.Function):
     def backward(ctx, g_kl, g_lp, _):
         hs, ws, ht, wt, y = ctx.saved_tensors
         chunk, v = ctx.chunk, ctx.v
-        need_h, need_w = ctx.needs_input_grad[0], ws is not None and ctx.needs_input_grad[1]
-        gh = torch.zeros_like(hs) if need_h else None  # zeros: logit columns >= v get no gradient
-        # fp32 accumulator so many bf16 chunk products do not lose precision when summed
-        gw = torch.zeros(ws.shape, dtype=torch.promote_types(ws.dtype, torch.float32), device=ws.device) \
-            if need_w else None
-        for i in range(0, hs.shape[0], chunk):
-            sl = slice(i, i + chunk)
-            yc = None if y is None else y[sl]
+        need_h, need_w = ctx.needs_input_grad[:2]
+        gh = torch.zeros_like(hs) if need_h else None
+        # fp32 accumulator so that many bf16 chunk products do not lose precision when summed
+        gw = (
+            torch.zeros(ws.shape, dtype=torch.promote_types(ws.dtype, torch.float32), device=ws.device)
+            if need_w
+            else None
+        )
+        for i in range(0, len(hs), chunk):
+            sl, yc = slice(i, i + chunk), y[i : i + chunk]
             # the teacher's chunk logits only where the KL carries gradient (not for GRPO or non-violators)
             teacher_needed = ht is not None and bool(g_kl[sl].any())
             p, d, kl, _, _ = _chunk(hs[sl], ws, ht[sl] if teacher_needed else None, wt, yc, v)
             # dKL/dz = p * (d - KL);  d lp(y)/dz = onehot(y) - p  ->  dz = p * (gk (d - KL) - gl) + gl onehot(y)
             gz = torch.zeros_like(p) if d is None else d.sub_(kl[:, None]).mul_(g_kl[sl, None].to(p.dtype))
-            if y is not None:
-                gl = g_lp[sl].to(p.dtype) * (yc >= 0)
-                gz.sub_(gl[:, None]).mul_(p).scatter_add_(1, yc.clamp(min=0)[:, None], gl[:, None])
-            else:
-                gz.mul_(p)
-            if ws is None:  # logits mode: gradient w.r.t. the logits themselves
-                if need_h:
-                    gh[sl, :v] = gz.to(hs.dtype)
-                continue
-            gzc = gz.to(ws.dtype)
+            gl = g_lp[sl].to(p.dtype) * (yc >= 0)
+            gz = gz.sub_(gl[:, None]).mul_(p).scatter_add_(1, yc.clamp(min=0)[:, None], gl[:, None]).to(ws.dtype)
             if need_h:
-                gh[sl] = (gzc @ ws[:v]).to(hs.dtype)
-            if need_w:
-                hc = hs[sl].to(ws.dtype)
-                if gw.dtype == ws.dtype:
-                    gw[:v].addmm_(gzc.t(), hc)  # in place: no (V, H) temp
-                else:
-                    gw[:v] += gzc.t() @ hc  # bf16 GEMM speed, fp32 accumulation across chunks
+                gh[sl] = (gz @ ws[:v]).to(hs.dtype)
+            if need_w and gw.dtype == ws.dtype:
+                gw[:v].addmm_(gz.t(), hs[sl].to(ws.dtype))  # in place: no (V, H) temporary
+            elif need_w:
+                gw[:v] += gz.t() @ hs[sl].to(ws.dtype)  # bf16 GEMM speed, fp32 accumulation across chunks
         return gh, None if gw is None else gw.to(ws.dtype), None, None, None, None, None
 
 
-def _flat(x):
-    return x.reshape(-1, x.shape[-1])  # a view for contiguous inputs; vocab cut happens per chunk (no copy)
-
-
-def kl_per_token(student_logits, teacher_logits, chunk_size: int = 1024, vocab_size: int | None = None):
-    """Exact reverse KL(p_s || p_t) per position. student_logits (..., T, V_s), teacher_logits (..., T, V_t)
-    -> (..., T) float32. Both softmaxes over the first vocab_size columns (the tokenizer's real ids; None:
-    min(V_s, V_t)); teacher detached; chunk_size positions at a time."""
-    v = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
-    kl, _, _ = _ChunkedKL.apply(_flat(student_logits), None, _flat(teacher_logits.detach()), None, None,
-                                chunk_size, v)
-    return kl.reshape(student_logits.shape[:-1])
-
-
-def token_logprobs(logits, tokens, chunk_size: int = 1024):
-    """log_softmax(logits) (..., T, V) gathered at tokens (..., T) -> (..., T) float32; differentiable.
-    Tokens < 0 (padding) give 0 and no gradient."""
-    _, lp, _ = _ChunkedKL.apply(_flat(logits), None, None, None, tokens.reshape(-1), chunk_size, logits.shape[-1])
-    return lp.reshape(tokens.shape)
-
-
-def kl_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, tokens,
-                   chunk_size: int = 1024, vocab_size: int | None = None):
+def kl_from_hidden(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    tokens,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+):
     """Exact reverse KL from final (post-norm) hidden states without materialising full logits.
-    student_hidden (..., T, H_s), student_weight (V_s, H_s), teacher_hidden (..., T, H_t),
-    teacher_weight (V_t, H_t), tokens (..., T) ids < vocab_size (< 0: padding, ignored). Both softmaxes run
+    student_hidden (N, H_s), student_weight (V_s, H_s), teacher_hidden (N, H_t), teacher_weight (V_t, H_t),
+    tokens (N,) ids < vocab_size (< 0: padding, ignored); leading batch dimensions are allowed. Both softmaxes run
     over the first vocab_size rows: the tokenizer's real ids (`len(tokenizer)`; Qwen2.5 pads its matrices to
     151,936 / 152,064 rows for 151,665 tokens); None: min(V_s, V_t).
-    Returns (kl, student_logprobs, teacher_logprobs), each (..., T) float32; gradients flow through the
+    Returns (kl, student_logprobs, teacher_logprobs), each shaped like tokens, float32; gradients flow through the
     first two to student_hidden and student_weight (in their dtypes); the teacher is constant."""
     v = vocab_size or min(student_weight.shape[0], teacher_weight.shape[0])
-    outs = _ChunkedKL.apply(_flat(student_hidden), student_weight, _flat(teacher_hidden.detach()),
-                            teacher_weight.detach(), tokens.reshape(-1), chunk_size, v)
+    outs = _ChunkedKL.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight,
+        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight.detach(),
+        tokens.reshape(-1),
+        chunk_size,
+        v,
+    )
     return tuple(o.reshape(tokens.shape) for o in outs)
+
+
+def token_logprobs_from_hidden(hidden, weight, tokens, chunk_size: int = 1024, vocab_size: int | None = None):
+    """log pi(tokens) (N,) float32 from final hidden states (N, H) and the output matrix (V, H), over the first
+    vocab_size rows, a chunk at a time (no full logits); differentiable; tokens < 0 give 0."""
+    v = vocab_size or weight.shape[0]
+    _, lp, _ = _ChunkedKL.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, None, None, tokens.reshape(-1), chunk_size, v
+    )
+    return lp.reshape(tokens.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,7 +587,9 @@ def vocab_size(tokenizer, *models) -> int:
     for model in models:
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < size:
-            raise SystemExit(f"{model.name_or_path}: its output layer has {rows} rows, fewer than the tokenizer's {size} tokens.")
+            raise InputError(
+                f"{model.name_or_path}: its output layer has {rows} rows, fewer than the tokenizer's {size} tokens"
+            )
     return size
 
 
@@ -604,14 +600,17 @@ def shared_prompt_cache(model, ids, attention, positions, rows):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                                 use_cache=True).last_hidden_state
+    hidden = model.get_decoder()(
+        input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+    ).last_hidden_state
     cache.reorder_cache(rows)
     return hidden, cache
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int) -> list[tuple[list[int], list[int]]]:
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int
+) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, response_ids) per prompt; the response ends at its first eos (kept) or at max_new_tokens.
 
     Sampling is from the model's plain softmax over the tokenizer's real ids at `temperature` (0 = greedy):
@@ -623,10 +622,19 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
 
     eos = eos_token_ids(model, tokenizer)
     # top_k=0 and top_p=1.0 must be explicit: unset values fall back to the checkpoint's (Qwen: 20 and 0.8)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    )
     padding_rows = list(range(len(tokenizer), model.get_output_embeddings().weight.shape[0]))
-    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.0, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                              suppress_tokens=padding_rows or None, use_cache=True, **sampling)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=1.0,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=padding_rows or None,
+        use_cache=True,
+        **sampling,
+    )
     was_training = model.training
     model.eval()
     pairs = []
@@ -636,17 +644,25 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         # its KV cache is copied to every copy, and generate() goes on from the last prompt token
         distinct = list(dict.fromkeys(chunk))
         row = {p: k for k, p in enumerate(distinct)}
-        copies = torch.tensor([row[p] for p in chunk]) if len(distinct) < len(chunk) else None  # prompt row of each copy
-        enc = tokenizer(distinct, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
+        copies = (
+            torch.tensor([row[p] for p in chunk]) if len(distinct) < len(chunk) else None
+        )  # prompt row of each copy
+        enc = tokenizer(distinct, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(
+            model.device
+        )
         cache = None
         if copies is not None:
             copies = copies.to(model.device)
             if enc["input_ids"].shape[1] > 1:
                 mask = enc["attention_mask"][:, :-1]
-                _, cache = shared_prompt_cache(model, enc["input_ids"][:, :-1], mask, (mask.cumsum(1) - 1).clamp(min=0), copies)
+                _, cache = shared_prompt_cache(
+                    model, enc["input_ids"][:, :-1], mask, (mask.cumsum(1) - 1).clamp(min=0), copies
+                )
             enc = {k: v[copies] for k, v in enc.items()}
         out = model.generate(**enc, past_key_values=cache, generation_config=config)
-        for row_ids, row_mask, row_out in zip(enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]):
+        for row_ids, row_mask, row_out in zip(
+            enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]
+        ):
             response = row_out.tolist()
             ends = [j for j, t in enumerate(response) if t in eos]
             response = response[: ends[0] + 1] if ends else response
@@ -655,11 +671,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     return pairs
 
 
-def pad_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def pad_sequences(
+    pairs: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Left-pad prompts and right-pad responses into one batch.
 
-    Returns input_ids, attention_mask, position_ids (B, L) and response_mask (B, L-1): 1 where the
-    next-token target input_ids[:, 1:] is a response token (the policy's actions).
+    Returns input_ids, attention_mask, position_ids (B, T + 1) and response_mask (B, T): 1 where the next-token
+    target input_ids[:, 1:] is a response token (the policy's actions).
     """
     prompt_len = max(len(p) for p, _ in pairs)
     response_len = max(len(r) for _, r in pairs)
@@ -672,7 +690,12 @@ def pad_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int, device:
         attention_mask[i, prompt_len - len(p) : prompt_len + len(r)] = 1
         response_mask[i, prompt_len : prompt_len + len(r)] = 1
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    tensors = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, response_mask=response_mask[:, 1:])
+    tensors = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        response_mask=response_mask[:, 1:],
+    )
     return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -694,32 +717,42 @@ def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # one plain pass, no cache, when every prompt differs (evaluation) or under gradient checkpointing (its layers drop
     # the cache in training, and the responses would run without their prompt)
     if len(prompts) == len(ids) or (model.is_activation_checkpointing and model.training):
-        hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False
+        ).last_hidden_state
         return hidden[:, :-1][mask]
-    first = torch.zeros(len(prompts), dtype=torch.long, device=ids.device).scatter_(0, rows, torch.arange(len(ids), device=ids.device))
-    prompt, cache = shared_prompt_cache(model, ids[first, :P], attention[first, :P], positions[first, :P], rows)  # (B/G, P, H)
-    response = decoder(input_ids=ids[:, P:], attention_mask=attention, position_ids=positions[:, P:], past_key_values=cache,
-                       use_cache=True).last_hidden_state  # (B, R, H)
+    first = torch.zeros(len(prompts), dtype=torch.long, device=ids.device).scatter_(
+        0, rows, torch.arange(len(ids), device=ids.device)
+    )
+    prompt, cache = shared_prompt_cache(
+        model, ids[first, :P], attention[first, :P], positions[first, :P], rows
+    )  # (B/G, P, H)
+    response = decoder(
+        input_ids=ids[:, P:],
+        attention_mask=attention,
+        position_ids=positions[:, P:],
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (B, R, H)
     hidden = torch.cat([prompt[rows, -1:], response], 1)  # positions P-1 .. L-1, the only ones that predict responses
     return hidden[:, :-1][mask[:, P - 1 :]]
 
 
-def response_scores(student_hidden, student_weight, teacher_hidden, teacher_weight, batch: dict[str, torch.Tensor],
-                    chunk_size: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """kl_from_hidden on the response positions (hidden states (N, H) from final_hidden), laid out (B, L-1) like
-    batch["response_mask"], zero elsewhere: per-token KL, student and teacher log-probs of the taken tokens."""
+def score(student, batch: dict[str, torch.Tensor], teacher_weight, chunk_size: int, vocab_size: int):
+    """Per-token reverse KL to the teacher and the student's and the teacher's log-probs of the taken tokens, each
+    (B, T) and zero off the response, from the student's final hidden states and the teacher's, computed once per
+    batch and kept in batch["teacher_hidden"] (N, H_t). Differentiable w.r.t. the student under grad."""
     mask = batch["response_mask"].bool()
-    outs = kl_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, batch["input_ids"][:, 1:][mask], chunk_size, vocab_size)
+    outs = kl_from_hidden(
+        final_hidden(student, batch),
+        student.get_output_embeddings().weight,
+        batch["teacher_hidden"],
+        teacher_weight,
+        batch["input_ids"][:, 1:][mask],
+        chunk_size,
+        vocab_size,
+    )
     return tuple(torch.zeros(mask.shape, dtype=o.dtype, device=o.device).masked_scatter(mask, o) for o in outs)
-
-
-def score(student, teacher, batch: dict[str, torch.Tensor], chunk_size: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token reverse KL to the teacher, student and teacher log-probs of the taken tokens, (B, L-1), zero off
-    the response. Differentiable w.r.t. the student when called with grad enabled; the teacher never is."""
-    with torch.no_grad():
-        teacher_hidden = final_hidden(teacher, batch)
-    return response_scores(final_hidden(student, batch), student.get_output_embeddings().weight, teacher_hidden,
-                           teacher.get_output_embeddings().weight, batch, chunk_size, vocab_size)
 
 
 def sequence_costs(costs: torch.Tensor, mask: torch.Tensor, constraint: str) -> torch.Tensor:
@@ -744,50 +777,83 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems: list[dict], *, max_new_tokens: int, batch_size: int, temperature: float = 0.0,
-             teacher=None, budget: float | None = None, constraint: str = "mean", kl_chunk_size: int = 1024, seed: int = 0,
-             progress: bool = False) -> tuple[list[dict], dict]:
+def evaluate(
+    model,
+    tokenizer,
+    problems: list[dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    teacher=None,
+    budget: float | None = None,
+    constraint: str = "mean",
+    kl_chunk_size: int = 1024,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[list[dict], dict]:
     """Generate (greedy, or sampled at `temperature`), grade and, with a teacher, score each response: its mean
-    per-token KL and its cost under `constraint` (the training scripts' `sequence_costs`). Returns per-problem
-    records and a summary (accuracy; with a teacher mean KL, mean cost, cost quantiles and CSR at `budget`)."""
+    per-token KL and its cost under `constraint` (as in training: `sequence_costs`). Returns per-problem records
+    and a summary (accuracy; with a teacher mean KL, mean cost, cost quantiles and CSR at `budget`)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     prompts = [render_prompt(tokenizer, p["question"]) for p in problems]
     vocab = vocab_size(tokenizer, model, *([teacher] if teacher is not None else []))
-    records = []
+    records, was_training = [], model.training
     for i in tqdm(range(0, len(prompts), batch_size), desc="eval", disable=not progress, leave=False):
         pairs = generate(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, batch_size)
         mean_kls = costs = [None] * len(pairs)
         if teacher is not None:
             batch = pad_sequences(pairs, tokenizer.pad_token_id, model.device)
-            was_training = model.training
-            model.eval()
-            kl = score(model, teacher, batch, kl_chunk_size, vocab)[0]
+            batch["teacher_hidden"] = final_hidden(teacher, batch)
+            kl = score(model.eval(), batch, teacher.get_output_embeddings().weight, kl_chunk_size, vocab)[0]
             model.train(was_training)
             mean_kls = masked_mean(kl, batch["response_mask"], dim=1).tolist()
             costs = sequence_costs(kl, batch["response_mask"], constraint).tolist()
-        for problem, prompt, (_, response_ids), mean_kl, cost in zip(problems[i : i + batch_size], prompts[i : i + batch_size], pairs, mean_kls, costs):
-            response = tokenizer.decode(response_ids, skip_special_tokens=True)
-            records.append(dict(prompt=prompt, response=response, extracted=extract_answer(response), gold=problem["answer"],
-                                correct=is_correct(response, problem["answer"]), lenient_correct=is_correct_lenient(response, problem["answer"]),
-                                mean_kl=mean_kl, cost=cost, response_tokens=len(response_ids)))
+        for problem, prompt, (_, response_ids), mean_kl, cost in zip(
+            problems[i : i + batch_size], prompts[i : i + batch_size], pairs, mean_kls, costs
+        ):
+            response, gold = tokenizer.decode(response_ids, skip_special_tokens=True), problem["answer"]
+            records.append(
+                dict(
+                    prompt=prompt,
+                    response=response,
+                    extracted=extract_answer(response),
+                    gold=gold,
+                    correct=is_correct(response, gold),
+                    lenient_correct=is_correct_lenient(response, gold),
+                    mean_kl=mean_kl,
+                    cost=cost,
+                    response_tokens=len(response_ids),
+                )
+            )
     if not records:
         return records, dict(n=0)
-    summary = dict(n=len(records), accuracy=float(np.mean([r["correct"] for r in records])),
-                   lenient_accuracy=float(np.mean([r["lenient_correct"] for r in records])),  # never a reward (is_correct_lenient)
-                   mean_response_tokens=float(np.mean([r["response_tokens"] for r in records])))
+    summary = dict(
+        n=len(records),
+        accuracy=float(np.mean([r["correct"] for r in records])),
+        lenient_accuracy=float(np.mean([r["lenient_correct"] for r in records])),  # never a reward
+        mean_response_tokens=float(np.mean([r["response_tokens"] for r in records])),
+    )
     if teacher is not None:
         kls, costs = np.array([r["mean_kl"] for r in records]), np.array([r["cost"] for r in records])
-        summary.update(mean_kl=float(kls.mean()), max_kl=float(kls.max()), constraint=constraint, mean_cost=float(costs.mean()),
-                       **{f"cost_p{q}": float(np.quantile(costs, q / 100)) for q in (50, 90, 95)}, budget=budget)
+        quantiles = {f"cost_p{q}": float(np.quantile(costs, q / 100)) for q in (50, 90, 95)}
+        summary.update(
+            mean_kl=float(kls.mean()),
+            max_kl=float(kls.max()),
+            constraint=constraint,
+            mean_cost=float(costs.mean()),
+            **quantiles,
+            budget=budget,
+        )
         if budget is not None:
             summary["csr"] = float((costs <= budget).mean())
     return records, summary
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs: seeding, run directory, metrics, checkpoints
+# Runs: seeding, run folder, metrics, checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
@@ -799,7 +865,9 @@ def seed_everything(seed: int) -> None:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -813,8 +881,15 @@ def make_run_dir(args, run_dir: Path | None = None, config_name: str = "config.j
     if run_dir is None:
         run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(args=asdict(args), argv=sys.argv, git_commit=git_commit(), python=sys.version.split()[0],
-                  torch=torch.__version__, transformers=transformers.__version__, numpy=np.__version__)
+    config = dict(
+        args=asdict(args),
+        argv=sys.argv,
+        git_commit=git_commit(),
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        numpy=np.__version__,
+    )
     write_json(run_dir / config_name, config)
     return run_dir
 
@@ -866,47 +941,43 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(Path(path) / "trainer_state.pt", weights_only=True, map_location="cpu")
 
 
-class RunLogger:
-    """One record per log step to metrics.jsonl, the same keys as TensorBoard scalars (event files beside it, when
-    tensorboard is installed) and to Weights & Biases with --track (imported only then). Rank 0 only."""
+def make_writer(run_dir: Path, args, purge_step: int | None = None):
+    """TensorBoard's SummaryWriter in the run folder and, with --track, a W&B run that syncs its scalars (CleanRL's
+    `sync_tensorboard=True`). One W&B run per run folder: a resume continues it; purge_step hides the events logged
+    after the checkpoint, as truncate_jsonl drops them from metrics.jsonl."""
+    from torch.utils.tensorboard import SummaryWriter
 
-    def __init__(self, run_dir: Path, args, resume_step: int | None = None):
-        self.path, self.tensorboard, self.wandb = run_dir / "metrics.jsonl", None, None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            print("tensorboard is not installed, so metrics go to metrics.jsonl only (pip install tensorboard==2.21.0)")
-        else:  # purge_step: a resumed run hides the events logged after its checkpoint, as metrics.jsonl drops them
-            self.tensorboard = SummaryWriter(str(run_dir), purge_step=resume_step)
-        if getattr(args, "track", False):
-            import wandb
+    if args.track:
+        import wandb
 
-            # one W&B run per run folder: a resume continues it (the id is the folder name, made W&B-safe)
-            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, dir=str(run_dir),
-                                    id=re.sub(r"[^\w-]", "-", run_dir.name), resume="allow", config=asdict(args))
-            self.wandb.define_metric("step")
-            self.wandb.define_metric("warmup/step")
-            self.wandb.define_metric("warmup/*", step_metric="warmup/step")
-            for prefix in ("train", "losses", "dual", "eval", "perf"):
-                self.wandb.define_metric(f"{prefix}/*", step_metric="step")
+        wandb.init(
+            project=args.wandb_project,
+            entity=args.wandb_entity,
+            name=run_dir.name,
+            dir=str(run_dir),
+            id=re.sub(r"[^\w-]", "-", run_dir.name),
+            resume="allow",
+            config=asdict(args),
+            sync_tensorboard=True,
+        )
+    return SummaryWriter(str(run_dir), purge_step=purge_step)
 
-    def log(self, record: dict) -> None:
-        """record: {"step": int, "train/reward": float, ...} (or {"warmup/step": int, "warmup/loss": float})."""
-        append_jsonl(self.path, record)
-        step = record.get("step", record.get("warmup/step"))
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key not in ("step", "warmup/step") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, step)
-            self.tensorboard.flush()
-        if self.wandb is not None:
-            self.wandb.log(record)
 
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+def log_metrics(writer, run_dir: Path, record: dict) -> None:
+    """record: {"step": int, "train/reward": float, ...} (or {"warmup/step": int, ...}) to metrics.jsonl and, under
+    the same keys, to TensorBoard (and so to W&B)."""
+    append_jsonl(run_dir / "metrics.jsonl", record)
+    step = record.get("step", record.get("warmup/step"))
+    for key, value in record.items():
+        if key not in ("step", "warmup/step"):
+            writer.add_scalar(key, value, step)
+    writer.flush()
+
+
+def close_writer(writer) -> None:
+    writer.close()
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -953,7 +1024,7 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
 def destroy_distributed() -> None:
     """Leave the process group at the end of a torchrun run, all ranks together, as torch.distributed asks: ranks
-    that exited with it alive were seen to abort at interpreter exit after their last checkpoint (README, Known limits)."""
+    that exited with it alive were seen to abort at interpreter exit after their last checkpoint."""
     global _DIST_DEVICE
     if _DIST_DEVICE is not None:
         import torch.distributed as dist
@@ -1012,58 +1083,75 @@ def gradient_diagnostics(terms: dict[str, torch.Tensor], params: list[torch.Tens
     (name_a, loss_a), (name_b, loss_b) = terms.items()
     grads = []
     for loss in (loss_a, loss_b):
-        if loss.requires_grad:
-            g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            grads.append([torch.zeros_like(p) if x is None else x.float() for x, p in zip(g, params)])
-        else:
-            grads.append([torch.zeros_like(p, dtype=torch.float32) for p in params])
-    def dot(u, v):
-        return sum((x * y).sum() for x, y in zip(u, v)).item()
-
-    aa, bb, ab = dot(grads[0], grads[0]), dot(grads[1], grads[1]), dot(grads[0], grads[1])
+        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad else None
+        grads.append(
+            [
+                torch.zeros_like(p, dtype=torch.float32) if g is None or g[i] is None else g[i].float()
+                for i, p in enumerate(params)
+            ]
+        )
+    (a, b), dot = grads, lambda u, w: sum((x * y).sum() for x, y in zip(u, w)).item()
+    aa, bb, ab = dot(a, a), dot(b, b), dot(a, b)
     total = max(aa + bb + 2 * ab, 0.0) ** 0.5  # norm of the sum, from the three dot products
-    return {f"losses/{name_a}_grad_norm": aa ** 0.5, f"losses/{name_b}_grad_norm": bb ** 0.5,
-            f"losses/cos_total_{name_a}": (aa + ab) / max(total * aa ** 0.5, 1e-30),
-            f"losses/cos_total_{name_b}": (bb + ab) / max(total * bb ** 0.5, 1e-30)}
+    return {
+        f"losses/{name_a}_grad_norm": aa**0.5,
+        f"losses/{name_b}_grad_norm": bb**0.5,
+        f"losses/cos_total_{name_a}": (aa + ab) / max(total * aa**0.5, 1e-30),
+        f"losses/cos_total_{name_b}": (bb + ab) / max(total * bb**0.5, 1e-30),
+    }
 
 
-def token_logprobs_from_hidden(hidden, weight, tokens, chunk_size: int = 1024, vocab_size: int | None = None):
-    """log pi(tokens) (..., T) float32 from final hidden states (..., T, H) and the output matrix (V, H), over
-    the first vocab_size rows, a chunk at a time (no full logits); differentiable; tokens < 0 give 0."""
-    v = vocab_size or weight.shape[0]
-    _, lp, _ = _ChunkedKL.apply(_flat(hidden), weight, None, None, tokens.reshape(-1), chunk_size, v)
-    return lp.reshape(tokens.shape)
-
-
-def offpolicy_kd_warmup(student, teacher, tokenizer, problems: list[dict], *, steps: int, prompts_per_step: int, group_size: int,
-                        micro_batch_size: int, learning_rate: float, max_new_tokens: int, max_grad_norm: float, kl_chunk_size: int,
-                        seed: int, autocast, rank: int = 0, world_size: int = 1, log=None) -> None:
-    """Off-policy KD warm-up before the RL loop (METHOD.md 1: for students that start near zero reward): `steps`
+def offpolicy_kd_warmup(
+    student,
+    teacher,
+    tokenizer,
+    problems: list[dict],
+    *,
+    steps: int,
+    prompts_per_step: int,
+    group_size: int,
+    micro_batch_size: int,
+    learning_rate: float,
+    max_new_tokens: int,
+    max_grad_norm: float,
+    kl_chunk_size: int,
+    seed: int,
+    autocast,
+    rank: int = 0,
+    world_size: int = 1,
+    log=None,
+) -> None:
+    """Off-policy KD warm-up before the RL loop (docs/method.md, for students that start near zero reward): `steps`
     AdamW steps of supervised training on the teacher's own responses, sampled at temperature 1, to training
     prompts. loss = -1/|tokens| sum_t log pi_theta(y_t|s_t) over teacher tokens (the forward KL to the teacher,
     in expectation). Each step: prompts_per_step prompts x group_size teacher samples, split across ranks like
     the RL batch. Its own optimizer: the RL loop starts with fresh AdamW moments. log(record) gets each step's loss."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=0.0)
-    vocab = vocab_size(tokenizer, student, teacher)
-    per_rank = prompts_per_step // world_size
+    vocab, per_rank = vocab_size(tokenizer, student, teacher), prompts_per_step // world_size
     for step in range(steps):
-        chosen = np.random.default_rng([seed, step, 1]).choice(len(problems), prompts_per_step, replace=len(problems) < prompts_per_step)
-        prompts = [render_prompt(tokenizer, problems[i]["question"]) for i in chosen[rank * per_rank : (rank + 1) * per_rank] for _ in range(group_size)]
-        pairs = []
-        first_chunk = rank * len(prompts) // micro_batch_size
+        rng = np.random.default_rng([seed, step, 1])
+        chosen = rng.choice(len(problems), prompts_per_step, replace=len(problems) < prompts_per_step)
+        chosen = chosen[rank * per_rank : (rank + 1) * per_rank]
+        prompts = [render_prompt(tokenizer, problems[i]["question"]) for i in chosen for _ in range(group_size)]
+        pairs, first_chunk = [], rank * len(prompts) // micro_batch_size
         with autocast():
             for j in range(0, len(prompts), micro_batch_size):
                 torch.manual_seed(derive_seed(seed, step, first_chunk + j // micro_batch_size, 1))
-                pairs += generate(teacher, tokenizer, prompts[j : j + micro_batch_size], max_new_tokens, 1.0, micro_batch_size)
+                pairs += generate(
+                    teacher, tokenizer, prompts[j : j + micro_batch_size], max_new_tokens, 1.0, micro_batch_size
+                )
         num_tokens = all_reduce(torch.tensor(float(sum(len(r) for _, r in pairs)))).item()
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         student.train()
         for j in range(0, len(pairs), micro_batch_size):
             mb = pad_sequences(pairs[j : j + micro_batch_size], tokenizer.pad_token_id, student.device)
+            tokens = mb["input_ids"][:, 1:][mb["response_mask"].bool()]  # (N,)
             with autocast():
-                logprobs = token_logprobs_from_hidden(final_hidden(student, mb), student.get_output_embeddings().weight,
-                                                      mb["input_ids"][:, 1:][mb["response_mask"].bool()], kl_chunk_size, vocab)  # (n,)
+                hidden = final_hidden(student, mb)  # (N, H)
+                logprobs = token_logprobs_from_hidden(
+                    hidden, student.get_output_embeddings().weight, tokens, kl_chunk_size, vocab
+                )  # (N,)
             loss = -logprobs.sum() / max(num_tokens, 1)
             loss.backward()
             total += loss.item()
@@ -1072,4 +1160,5 @@ def offpolicy_kd_warmup(student, teacher, tokenizer, problems: list[dict], *, st
         optimizer.step()
         loss = all_reduce(torch.tensor(total)).item()
         if log is not None:
-            log({"warmup/step": step + 1, "warmup/loss": loss, "warmup/response_tokens": num_tokens / (prompts_per_step * group_size)})
+            tokens_per_response = num_tokens / (prompts_per_step * group_size)
+            log({"warmup/step": step + 1, "warmup/loss": loss, "warmup/response_tokens": tokens_per_response})

@@ -1,24 +1,29 @@
 """Soft-Lagrangian distillation baselines: task reward minus a multiplier times each response's KL cost to a teacher.
 
-The baselines that Zimmer et al., arXiv 2509.22921, compare against (METHOD.md 2.5): GKD-GRPO (fixed lambda), GRPO
-(lambda = 0), dual ascent on lambda, and on-policy KD. The same loop as cmdp_distill.py: `diff cmdp_distill.py
-lagrangian_distill.py` shows only the method.
+The baselines that Zimmer et al., arXiv 2509.22921, compare against (docs/method.md#the-lagrangian-baselines):
+dual ascent on lambda, GKD-GRPO (fixed lambda), GRPO (lambda = 0) and on-policy KD, one --method each. The same loop
+as cmdp_distill.py: `diff cmdp_distill.py lagrangian_distill.py` shows only the method.
 
     c_t and cost(y) as in cmdp_distill.py (--constraint sum | mean | prefix)
     A_i = R_i - mean_group(R)                                         group-relative advantage of the task reward
-    loss = -1/|tokens| sum_{i,t} A_i log pi_theta(y_it|s_it)          policy gradient (none with --kd-only)
+    loss = -1/|tokens| sum_{i,t} A_i log pi_theta(y_it|s_it)          policy gradient (none with --method kd)
            + lambda * 1/B sum_i cost(y_i)                             differentiable penalty on every response
-    dual ascent after each step: lambda <- max(0, lambda + eta * (mean_i cost(y_i) - d))
+    dual ascent after each step: lambda <- max(0, lambda + eta * (mean_i cost(y_i) - d))      (--method dual only)
 This bounds the *mean* cost over responses, where the CMDP method bounds each response's: compare their CSR.
 Choices where the paper is silent (ours), each with its flag: the exact per-token reverse KL as in cmdp_distill.py;
-the penalty is a loss term, not part of the reward; lambda starts at --lambda-init and moves by --lambda-lr (0 = fixed);
-advantages centred per group (--norm-adv-std); learning rate from the same measured sweep as cmdp_distill.py.
+the penalty is a loss term, not part of the reward; lambda starts at --lambda-init and, with --method dual only,
+moves by --lambda-lr; advantages centred per group (--norm-adv-std); learning rate from the same sweep as
+cmdp_distill.py (docs/results.md#choosing-the-learning-rate).
+Shapes: P prompts per step and G responses per prompt (all ranks), B = P * G responses per step, R = B / world_size
+responses on this rank, M responses per micro-batch, T a micro-batch's padded length minus one, N its response tokens,
+H a hidden size.
 
-    python lagrangian_distill.py --budget 0.05                            # dual ascent
-    python lagrangian_distill.py --lambda-init 1 --lambda-lr 0            # fixed lambda (GKD-GRPO)
-    python lagrangian_distill.py --lambda-init 0 --lambda-lr 0            # GRPO: task reward only
-    python lagrangian_distill.py --kd-only --lambda-init 1 --lambda-lr 0  # on-policy KD (reverse KL, GKD / MiniLLM)
+    python lagrangian_distill.py --budget 0.05                   # dual ascent (--method dual, the default)
+    python lagrangian_distill.py --method fixed --lambda-init 1  # fixed lambda (GKD-GRPO)
+    python lagrangian_distill.py --method grpo                   # GRPO: task reward only (lambda = 0)
+    python lagrangian_distill.py --method kd                     # on-policy KD (reverse KL, GKD / MiniLLM)
 """
+
 import functools
 import importlib.util
 import json
@@ -50,14 +55,15 @@ class Args:
     teacher: str = "toy"
     """frozen teacher with the student's tokenizer: hub id, local folder, .gguf file, or 'toy'"""
     dataset: str = "toy"
-    """training problems: 'toy', 'gsm8k' or a .jsonl/.json file (train split; 'math500' and 'gsm_symbolic[_p1|_p2]' have only a test split: use them as --eval-dataset)"""
+    """training problems: 'toy', 'gsm8k' or a .jsonl/.json file (train split; 'math500' and 'gsm_symbolic[_p1|_p2]'
+    have only a test split: use them as --eval-dataset)"""
     eval_dataset: str | None = None
     """held-out problems for the periodic eval; None: the test split of --dataset"""
     output_dir: str = "runs"
     """parent folder of run folders"""
     num_steps: int = 400
-    """optimizer steps (one batch of prompts_per_step x group_size responses each; 400: CMDP's accuracy flattens by
-    step 300-400 on the toy task, README "Longer runs")"""
+    """optimizer steps (one batch of P x G responses each; 400: CMDP's accuracy flattens by step 300-400 on the toy
+    task, docs/results.md#longer-runs-600-steps-at-d--005)"""
     eval_interval: int = 100
     """evaluate every N steps (and at step 0 and the end); 0 = only at the start and the end"""
     eval_limit: int = 200
@@ -82,17 +88,17 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute the student's activations in the backward pass (less memory, ~30% slower)"""
     prompts_per_step: int = 16
-    """distinct prompts per step, all ranks together (each rank gets prompts_per_step / world_size whole groups)"""
+    """P: distinct prompts per step, all ranks together (each rank gets P / world_size whole groups)"""
     group_size: int = 8
-    """responses sampled per prompt (G >= 2; advantages are relative to the group)"""
+    """G >= 2: responses sampled per prompt (advantages are relative to the group)"""
     micro_batch_size: int = 64
-    """sequences per forward/backward and per generation batch; must divide the responses per rank"""
+    """M: responses per forward/backward and per generation batch; must divide the responses per rank, R"""
     max_new_tokens: int = 64
     """response length cap in tokens (toy responses are ~20 tokens; 1024 for GSM8K, 2048+ for MATH)"""
     temperature: float = 1.0
     """sampling temperature for the training responses (the KL is always at temperature 1)"""
     learning_rate: float = 1e-4
-    """AdamW learning rate (constant); the toy task's, from a measured sweep (README); ~1e-6 for 1.5B models"""
+    """AdamW learning rate (constant); the toy task's, from a measured sweep (docs/results.md); ~1e-6 for 1.5B models"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     update_epochs: int = 1
@@ -105,7 +111,7 @@ class Args:
     """positions per chunk in the exact KL (bounds the memory of the vocabulary-wide softmax)"""
     budget: float = 0.05
     """KL budget d > 0: a response satisfies the constraint iff its cost <= d (nats per token for --constraint mean
-    and prefix, nats per response for sum); pick it from a pilot KD run (README "Choosing the budget")"""
+    and prefix, nats per response for sum); pick it from a pilot KD run (docs/results.md#choosing-the-budget)"""
     constraint: Literal["sum", "mean", "prefix"] = "mean"
     """cost of a response: 'sum' of its per-token KLs (the paper's), their 'mean', or the largest 'prefix' mean"""
     warmup_steps: int = 0
@@ -116,22 +122,33 @@ class Args:
     """every N steps, the gradient norm of each loss term on one micro-batch (losses/*_grad_norm); 0 = never"""
 
     # Algorithm specific arguments
-    lambda_init: float = 1.0
-    """lambda >= 0 at step 0: weight of the mean cost over all responses in the loss"""
-    lambda_lr: float = 10.0
-    """eta >= 0: dual-ascent step size on (mean cost - budget) after each step; 0 = fixed lambda (soft relaxation)"""
-    kd_only: bool = False
-    """drop the task reward: pure on-policy distillation minimising lambda * mean cost (GKD / MiniLLM style)"""
+    method: Literal["dual", "fixed", "grpo", "kd"] = "dual"
+    """baseline: 'dual' ascent on lambda; 'fixed' lambda (GKD-GRPO); 'grpo', lambda = 0 (the task reward only); 'kd',
+    on-policy distillation (no task reward: lambda times the mean cost, lambda fixed)"""
+    lambda_init: float | None = None
+    """lambda >= 0 at step 0 (dual) or throughout (fixed, kd): the weight of the mean cost over all responses; None: 1
+    (grpo takes none: its lambda is 0)"""
+    lambda_lr: float | None = None
+    """eta > 0: dual-ascent step size on (mean cost - budget) after each step, --method dual only; None: 10"""
 
 
 # ALGO LOGIC: the method as pure functions
+def lambda_schedule(method: str, lambda_init: float | None, lambda_lr: float | None) -> tuple[float, float]:
+    """(lambda at step 0, dual step size eta) of a --method: dual (1, 10 unless given), fixed and kd (1 unless
+    given, 0), grpo (0, 0)."""
+    if method == "grpo":
+        return 0.0, 0.0
+    initial = 1.0 if lambda_init is None else lambda_init
+    return initial, (10.0 if lambda_lr is None else lambda_lr) if method == "dual" else 0.0
+
+
 def dual_update(lagrange_multiplier: float, mean_cost: float, budget: float, lr: float) -> float:
     """Projected dual ascent on the mean-cost constraint: lambda <- max(0, lambda + lr * (mean cost - budget))."""
     return max(0.0, lagrange_multiplier + lr * (mean_cost - budget))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, norm_std: bool) -> torch.Tensor:
-    """A_i = R_i - mean of its group (B,), optionally / (group std + 1e-6); groups are consecutive rows."""
+    """A_i = R_i - mean of its group (R,), optionally / (group std + 1e-6); groups are consecutive rows."""
     grouped = rewards.view(-1, group_size)
     advantages = grouped - grouped.mean(1, keepdim=True)
     if norm_std:
@@ -139,8 +156,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, norm_std: bool) -> 
     return advantages.view(-1)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef: float, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Term (I): token-level clipped policy-gradient loss summed over (B, T), divided by the batch's token count.
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef: float, num_tokens: int):
+    """Term (I): token-level clipped policy-gradient loss summed over (M, T), divided by the step's token count.
 
     With logprobs == old_logprobs (first epoch) the ratio is 1 and the gradient is -A_i grad log pi.
     Returns (loss, number of clipped tokens).
@@ -153,246 +170,341 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef: float, num_
     return loss, ((clipped > unclipped).to(mask.dtype) * mask).sum()
 
 
-def lagrangian_cost_loss(phi: torch.Tensor, lagrange_multiplier: float, batch_size: int) -> torch.Tensor:
-    """lambda * 1/B sum_i cost(y_i) over every response (B_local,); differentiable, teacher detached."""
-    return lagrange_multiplier * phi.sum() / batch_size
+def lagrangian_penalty(costs: torch.Tensor, lagrange_multiplier: float, batch_size: int) -> torch.Tensor:
+    """lambda * 1/B sum_i cost(y_i) over every response, costs (M,) differentiable, teacher detached."""
+    return lagrange_multiplier * costs.sum() / batch_size
 
 
-# TRY NOT TO MODIFY: argument checks, loading, data order
+# TRY NOT TO MODIFY: argument checks, data order, sampling, evaluation, run folder
 def check_args(args: Args) -> None:
-    """Reject bad values with one sentence each, before anything loads."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Reject bad values with one sentence each (common.InputError), before anything loads."""
+    common.check_finite(args)
+    world_size, Error = int(os.environ.get("WORLD_SIZE", "1")), common.InputError
     if args.budget <= 0:
-        raise SystemExit(f"--budget must be > 0 (nats per token, or per response with --constraint sum), got {args.budget}.")
+        raise Error(f"--budget must be > 0 (nats per token, or per response with --constraint sum), got {args.budget}")
     if args.group_size < 2:
-        raise SystemExit(f"--group-size must be >= 2 (advantages are relative to the group), got {args.group_size}.")
-    for name in ("num_steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "update_epochs", "kl_chunk_size", "eval_limit"):
+        raise Error(f"--group-size must be >= 2 (advantages are relative to the group), got {args.group_size}")
+    positive = ("num_steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "update_epochs", "kl_chunk_size")
+    for name in (*positive, "eval_limit", "learning_rate", "warmup_learning_rate", "temperature"):
         if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
-    for name in ("warmup_steps", "diagnostic_interval", "eval_interval", "save_interval"):
+            raise Error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("warmup_steps", "diagnostic_interval", "eval_interval", "save_interval", "max_grad_norm", "clip_coef"):
         if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
+            raise Error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.prompts_per_step % world_size:
-        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of processes ({world_size}), so that each group stays on one rank.")
+        raise Error(
+            f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of processes "
+            f"({world_size}), so that each group stays on one rank"
+        )
     if (args.prompts_per_step // world_size * args.group_size) % args.micro_batch_size:
-        raise SystemExit(f"--micro-batch-size {args.micro_batch_size} must divide the responses per process, --prompts-per-step x --group-size / processes = {args.prompts_per_step // world_size * args.group_size}.")
-    if args.learning_rate <= 0 or args.warmup_learning_rate <= 0 or args.temperature <= 0:
-        raise SystemExit(f"--learning-rate, --warmup-learning-rate and --temperature must be > 0, got {args.learning_rate}, {args.warmup_learning_rate} and {args.temperature}.")
+        raise Error(
+            f"--micro-batch-size {args.micro_batch_size} must divide the responses per process, --prompts-per-"
+            f"step x --group-size / processes = {args.prompts_per_step // world_size * args.group_size}"
+        )
     if args.dtype not in ("auto", "float32", "bfloat16"):
-        raise SystemExit(f"--dtype must be auto, float32 or bfloat16, got {args.dtype!r}.")
+        raise Error(f"--dtype must be auto, float32 or bfloat16, got {args.dtype!r}")
     if args.track and importlib.util.find_spec("wandb") is None:
-        raise SystemExit("--track logs to Weights & Biases, which is not installed: pip install wandb==0.31.0.")
+        raise Error("--track logs to Weights & Biases, which is not installed: pip install wandb==0.31.0")
     if args.resume:
         if not (Path(args.resume) / "trainer_state.pt").is_file():
-            raise SystemExit(f"--resume {args.resume!r} is not a checkpoint folder (it has no trainer_state.pt).")
+            raise Error(f"--resume {args.resume!r} is not a checkpoint folder (it has no trainer_state.pt)")
         saved = json.loads((Path(args.resume) / "args.json").read_text())
         for name in ("seed", "prompts_per_step", "group_size", "dataset"):  # they fix the data order and the batches
             if saved.get(name) != getattr(args, name):
-                raise SystemExit(f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved.get(name)}, not {getattr(args, name)}; resume with the same value (or start a new run).")
+                raise Error(
+                    f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved.get(name)}, "
+                    f"not {getattr(args, name)}; resume with the same value (or start a new run)"
+                )
     for flag, value in (("--student", args.student), ("--teacher", args.teacher)):
         if value != "toy":
             common.check_model_path(value, flag)
     if (args.student == "toy") != (args.teacher == "toy"):
-        raise SystemExit(f"--student {args.student} and --teacher {args.teacher}: the toy models only fit each other (their tokenizer is the toy's); pass both or neither.")
+        raise Error(
+            f"--student {args.student} and --teacher {args.teacher}: the toy models only fit each other "
+            "(their tokenizer is the toy's); pass both or neither"
+        )
     common.check_dataset(args.dataset, "train")
     common.check_dataset(args.eval_dataset or args.dataset, "test")
-    if args.lambda_init < 0 or args.lambda_lr < 0:
-        raise SystemExit(f"--lambda-init and --lambda-lr must be >= 0, got {args.lambda_init} and {args.lambda_lr}.")
+    # ALGO LOGIC: the method's own flags; each baseline is one --method, and flags that contradict it are refused
+    if (args.lambda_init is not None and args.lambda_init < 0) or (args.lambda_lr is not None and args.lambda_lr <= 0):
+        raise Error(f"--lambda-init must be >= 0 and --lambda-lr > 0, got {args.lambda_init} and {args.lambda_lr}")
+    if args.lambda_lr is not None and args.method != "dual":
+        raise Error(
+            f"--lambda-lr is the step size of dual ascent, and --method {args.method} keeps lambda fixed; "
+            "drop --lambda-lr, or use --method dual"
+        )
+    if args.lambda_init is not None and args.method == "grpo":
+        raise Error("--method grpo has lambda = 0 (the task reward only); drop --lambda-init, or use --method fixed")
 
 
 def batch_indices(step: int, batch_size: int, num_problems: int, seed: int) -> list[int]:
     """Problems of a step: a fresh seeded permutation per epoch, so the order is a function of (seed, step)."""
-    positions = [divmod(i, num_problems) for i in range(step * batch_size, (step + 1) * batch_size)]  # (epoch, position)
+    positions = [divmod(i, num_problems) for i in range(step * batch_size, (step + 1) * batch_size)]  # (epoch, index)
     orders = {epoch: np.random.default_rng([seed, epoch]).permutation(num_problems) for epoch, _ in positions}
     return [int(orders[epoch][position]) for epoch, position in positions]
 
 
-def main(args: Args) -> Path | None:
-    check_args(args)
-    rank, world_size, device = common.init_distributed(args.device)
+@torch.no_grad()
+def get_batch(step: int, args: Args, student, teacher, tokenizer, train_problems, rank: int, world_size: int, autocast):
+    """Steps 1-2 for this rank: G responses sampled from the student for each of its P / world_size prompts (a group
+    stays whole on one rank; each generation chunk is seeded by (seed, step, chunk), so the samples do not depend on
+    the number of ranks), their task rewards, and micro-batches holding the teacher's final hidden states on the
+    student's tokens (N, H): H/V of its logits' size, kept for the update, so the teacher runs once per step.
+    Returns (problems, prompts, responses, rewards (R,), micro-batches, seconds spent generating)."""
+    start, M, per_rank = time.time(), args.micro_batch_size, args.prompts_per_step // world_size
+    indices = batch_indices(step, args.prompts_per_step, len(train_problems), args.seed)
+    problems = [
+        train_problems[i] for i in indices[rank * per_rank : (rank + 1) * per_rank] for _ in range(args.group_size)
+    ]
+    prompts = [common.render_prompt(tokenizer, p["question"]) for p in problems]  # (R,) groups are consecutive
+    pairs, first_chunk = [], rank * len(prompts) // M
+    with autocast():
+        for j in range(0, len(prompts), M):
+            torch.manual_seed(common.derive_seed(args.seed, step, first_chunk + j // M))
+            pairs += common.generate(student, tokenizer, prompts[j : j + M], args.max_new_tokens, args.temperature, M)
+    responses = [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
+    generate_seconds = time.time() - start
+    rewards = torch.tensor([float(common.is_correct(r, p["answer"])) for r, p in zip(responses, problems)])  # (R,)
+    micro_batches = [
+        common.pad_sequences(pairs[j : j + M], tokenizer.pad_token_id, student.device) for j in range(0, len(pairs), M)
+    ]
+    with autocast():
+        for mb in micro_batches:
+            mb["teacher_hidden"] = common.final_hidden(teacher, mb)  # (N, H)
+    return problems, prompts, responses, rewards, micro_batches, generate_seconds
+
+
+def evaluate(step: int, args: Args, student, teacher, tokenizer, eval_problems, rank: int, world_size: int, autocast):
+    """Greedy eval on the held-out problems, split across ranks (counts summed): {"step", "eval/..."}."""
+    with autocast():
+        records, _ = common.evaluate(
+            student,
+            tokenizer,
+            eval_problems[rank::world_size],
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.micro_batch_size,
+            teacher=teacher,
+            budget=args.budget,
+            constraint=args.constraint,
+            kl_chunk_size=args.kl_chunk_size,
+            seed=args.seed,
+        )
+    rows = [[1.0, r["correct"], r["mean_kl"], r["cost"] <= args.budget, r["response_tokens"]] for r in records]
+    sums = common.all_reduce(torch.tensor(rows, dtype=torch.float64).reshape(-1, 5).sum(0))
+    names = ("accuracy", "mean_kl", "csr", "mean_response_tokens")
+    record = {"step": step, **{f"eval/{name}": (value / sums[0]).item() for name, value in zip(names, sums[1:])}}
+    if rank == 0:
+        print(" | ".join([f"eval step {step}"] + [f"{k[5:]} {v:.4f}" for k, v in list(record.items())[1:]]), flush=True)
+    return record
+
+
+def load(args: Args, rank: int, device: torch.device):
+    """Problems, tokenizer and models: the student in float32 with dropout off, the teacher frozen in --dtype; and
+    the autocast context in which both compute."""
     if rank != 0:
         common.barrier()  # rank 0 builds the toy task first, if it must
     student_path = args.resume or toy_math.resolve(args.student, "student")
     teacher_path = toy_math.resolve(args.teacher, "teacher")
     train_problems = common.load_problems(toy_math.resolve(args.dataset, "train"), "train")
-    eval_problems = common.load_problems(toy_math.resolve(args.eval_dataset or args.dataset, "test"), "test")[: args.eval_limit]
+    eval_problems = common.load_problems(toy_math.resolve(args.eval_dataset or args.dataset, "test"), "test")
     if rank == 0:
         common.barrier()
     tokenizer = common.load_tokenizer(student_path, args.trust_remote_code)
     common.check_same_tokenizer(tokenizer, common.load_tokenizer(teacher_path, args.trust_remote_code))
-
     common.seed_everything(args.seed)
     dtype = common.resolve_dtype(args.dtype, device)
     # float32 master weights: in bf16, Adam steps of lr ~1e-6 round to nothing; the compute still runs in dtype
     student = common.load_model(student_path, device, torch.float32, args.trust_remote_code)
     common.disable_dropout(student)  # the update's forward must score the policy that sampled
-    teacher = common.load_model(teacher_path, device, dtype, args.trust_remote_code).eval().requires_grad_(False)
-    vocab = common.vocab_size(tokenizer, student, teacher)  # ids compared by the KL: the tokenizer's, not padding rows
-    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
     if args.gradient_checkpointing:
         student.activation_checkpointing_enable()
-    student.config.use_cache = True  # generation wants the KV cache even with gradient checkpointing; scoring passes use_cache=False
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
-    start_step, run_dir, logger, lagrange_multiplier = 0, None, None, args.lambda_init
+    student.config.use_cache = True  # generation wants the KV cache even with gradient checkpointing
+    teacher = common.load_model(teacher_path, device, dtype, args.trust_remote_code).eval().requires_grad_(False)
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return train_problems, eval_problems[: args.eval_limit], tokenizer, student, teacher, autocast
+
+
+def warmup_and_first_eval(
+    args: Args, student, teacher, tokenizer, train_problems, eval_problems, rank, world_size, autocast, log
+) -> None:
+    """Before step 1 of a new run: the off-policy KD warm-up (--warmup-steps), then the step-0 evaluation."""
+    if args.warmup_steps:
+        common.offpolicy_kd_warmup(
+            student,
+            teacher,
+            tokenizer,
+            train_problems,
+            steps=args.warmup_steps,
+            prompts_per_step=args.prompts_per_step,
+            group_size=args.group_size,
+            micro_batch_size=args.micro_batch_size,
+            learning_rate=args.warmup_learning_rate,
+            max_new_tokens=args.max_new_tokens,
+            max_grad_norm=args.max_grad_norm,
+            kl_chunk_size=args.kl_chunk_size,
+            seed=args.seed,
+            autocast=autocast,
+            rank=rank,
+            world_size=world_size,
+            log=log,
+        )
+    record = evaluate(0, args, student, teacher, tokenizer, eval_problems, rank, world_size, autocast)
+    if log:
+        log(record)
+
+
+def start_run(args: Args, optimizer, rank: int):
+    """(trainer state, run folder, TensorBoard writer) of a new run or a resumed one. A resume reloads the optimizer (at
+    the requested learning rate), drops the records logged after its checkpoint and writes config_resume_{step}.json
+    into the run's folder. Ranks other than 0 get no folder and no writer."""
+    state = common.load_trainer_state(args.resume) if args.resume else {"step": 0}
     if args.resume:
-        state = common.load_trainer_state(args.resume)
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:  # the requested learning rate, not the one saved with the optimizer
             if group["lr"] != args.learning_rate and rank == 0:
                 print(f"resume: learning rate {args.learning_rate} (the checkpoint ran at {group['lr']})", flush=True)
             group["lr"] = args.learning_rate
-        start_step, lagrange_multiplier = state["step"], state["lagrange_multiplier"]
-    if rank == 0:
-        if args.resume:
-            run_dir = Path(args.resume).parent
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                common.truncate_jsonl(run_dir / name, start_step)
-            common.make_run_dir(args, run_dir, config_name=f"config_resume_{start_step}.json")
-        else:
-            run_dir = common.make_run_dir(args)
-        logger = common.RunLogger(run_dir, args, resume_step=start_step if args.resume else None)
-        print(f"run folder: {run_dir}", flush=True)
+    if rank != 0:
+        return state, None, None
+    if args.resume:
+        run_dir = Path(args.resume).parent
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            common.truncate_jsonl(run_dir / name, state["step"])
+        common.make_run_dir(args, run_dir, config_name=f"config_resume_{state['step']}.json")
+    else:
+        run_dir = common.make_run_dir(args)
+    print(f"run folder: {run_dir}", flush=True)
+    return state, run_dir, common.make_writer(run_dir, args, purge_step=state["step"] if args.resume else None)
 
-    batch_size = args.prompts_per_step * args.group_size  # B: responses per step over all ranks
-    responses_per_rank = batch_size // world_size
-    student_head, teacher_head = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
 
-    def run_eval(step: int) -> dict:
-        """Greedy eval on the held-out problems (split across ranks; counts summed)."""
-        with autocast():
-            records, _ = common.evaluate(student, tokenizer, eval_problems[rank::world_size], max_new_tokens=args.max_new_tokens,
-                                         batch_size=args.micro_batch_size, teacher=teacher, budget=args.budget,
-                                         constraint=args.constraint, kl_chunk_size=args.kl_chunk_size, seed=args.seed)
-        sums = common.all_reduce(torch.tensor([[1.0, r["correct"], r["mean_kl"], r["cost"] <= args.budget, r["response_tokens"]]
-                                               for r in records], dtype=torch.float64).reshape(-1, 5).sum(0))
-        record = {"step": step, **{f"eval/{k}": (v / sums[0]).item() for k, v in
-                                   zip(("accuracy", "mean_kl", "csr", "mean_response_tokens"), sums[1:])}}
-        if rank == 0:
-            print(" | ".join([f"eval step {step}"] + [f"{k.removeprefix('eval/')} {v:.4f}" for k, v in record.items() if k != "step"]), flush=True)
-        return record
+PRINTED = (
+    "train/reward",
+    "train/mean_kl",
+    "train/cost",
+    "train/csr",
+    "train/response_tokens",
+    "losses/grad_norm",
+)  # on stdout, each log step
 
-    if start_step == 0:
-        if args.warmup_steps:
-            common.offpolicy_kd_warmup(student, teacher, tokenizer, train_problems, steps=args.warmup_steps, prompts_per_step=args.prompts_per_step,
-                                       group_size=args.group_size, micro_batch_size=args.micro_batch_size, learning_rate=args.warmup_learning_rate,
-                                       max_new_tokens=args.max_new_tokens, max_grad_norm=args.max_grad_norm, kl_chunk_size=args.kl_chunk_size,
-                                       seed=args.seed, autocast=autocast, rank=rank, world_size=world_size, log=logger.log if logger else None)
-        record = run_eval(0)
-        if logger:
-            logger.log(record)
-    for step in tqdm(range(start_step, args.num_steps), desc="steps", initial=start_step, total=args.num_steps, disable=rank != 0):
+
+def main(args: Args) -> Path | None:
+    check_args(args)
+    # TRY NOT TO MODIFY: data, models, optimizer, run folder
+    rank, world_size, device = common.init_distributed(args.device)
+    train_problems, eval_problems, tokenizer, student, teacher, autocast = load(args, rank, device)
+    models, vocab = (student, teacher, tokenizer), common.vocab_size(tokenizer, student, teacher)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    state, run_dir, writer = start_run(args, optimizer, rank)
+    lagrange_multiplier, lambda_lr = lambda_schedule(args.method, args.lambda_init, args.lambda_lr)
+    lagrange_multiplier = state.get("lagrange_multiplier", lagrange_multiplier)  # a resume continues its lambda
+    log = functools.partial(common.log_metrics, writer, run_dir) if rank == 0 else None
+    teacher_head = teacher.get_output_embeddings().weight
+    score = functools.partial(
+        common.score, student, teacher_weight=teacher_head, chunk_size=args.kl_chunk_size, vocab_size=vocab
+    )  # (kl, logprobs, teacher_logprobs) of a micro-batch, each (M, T)
+    B, G, M = args.prompts_per_step * args.group_size, args.group_size, args.micro_batch_size
+
+    if state["step"] == 0:  # a new run
+        warmup_and_first_eval(args, *models, train_problems, eval_problems, rank, world_size, autocast, log)
+    start = state["step"]
+    for step in tqdm(range(start, args.num_steps), initial=start, total=args.num_steps, disable=rank > 0):
         step_start = time.time()
-        # 1. sample G responses per prompt from the student: this rank's prompts, each group whole on one rank; every
-        #    generation chunk is seeded by (seed, step, chunk), so the samples do not depend on the number of ranks
-        indices = batch_indices(step, args.prompts_per_step, len(train_problems), args.seed)
-        indices = indices[rank * args.prompts_per_step // world_size : (rank + 1) * args.prompts_per_step // world_size]
-        problems = [train_problems[i] for i in indices for _ in range(args.group_size)]  # (b,) groups are consecutive
-        prompts = [common.render_prompt(tokenizer, p["question"]) for p in problems]
-        first_chunk = rank * responses_per_rank // args.micro_batch_size
-        pairs = []
-        with autocast():
-            for j in range(0, len(prompts), args.micro_batch_size):
-                torch.manual_seed(common.derive_seed(args.seed, step, first_chunk + j // args.micro_batch_size))
-                pairs += common.generate(student, tokenizer, prompts[j : j + args.micro_batch_size], args.max_new_tokens,
-                                         args.temperature, args.micro_batch_size)
-        responses = [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
-        generate_seconds = time.time() - step_start
-
-        # 2. score: task reward, and the teacher's final hidden states on the student's tokens (kept for the update,
-        #    H/V of its logits' size, so the teacher runs once per step; its logits only ever exist a chunk at a time)
-        rewards = torch.tensor([float(common.is_correct(r, p["answer"])) for r, p in zip(responses, problems)])  # (b,)
-        micro_batches = []
-        with torch.no_grad(), autocast():
-            for j in range(0, len(pairs), args.micro_batch_size):
-                mb = common.pad_sequences(pairs[j : j + args.micro_batch_size], tokenizer.pad_token_id, device)
-                mb["teacher_hidden"] = common.final_hidden(teacher, mb)  # (n, H_T) at the n response positions
-                micro_batches.append(mb)
+        # 1. sample G responses per prompt; 2. score them: task reward, the teacher's hidden states on their tokens
+        problems, prompts, responses, rewards, micro_batches, generate_seconds = get_batch(
+            step, args, *models, train_problems, rank, world_size, autocast
+        )
         num_tokens = int(common.all_reduce(sum(mb["response_mask"].sum() for mb in micro_batches)).item())  # all ranks
 
-        score_seconds = time.time() - step_start - generate_seconds
+        score_seconds = 0.0  # the costs come from the update's own forward pass: none is needed before it
 
         # ALGO LOGIC: 3. task reward (none for KD) and group-relative advantages; the penalty is in the loss
-        task_rewards = torch.zeros_like(rewards) if args.kd_only else rewards  # (b,)
-        advantages = group_advantages(task_rewards, args.group_size, args.norm_adv_std).to(device)  # (b,)
+        task_rewards = torch.zeros_like(rewards) if args.method == "kd" else rewards  # (R,)
+        advantages = group_advantages(task_rewards, G, args.norm_adv_std).to(device)  # (R,)
 
-        # 4. policy loss and update: policy gradient on R + lambda * mean cost, then the dual step
+        # ALGO LOGIC: 4. policy loss and update: policy gradient on R + lambda * mean cost, then the dual step
         student.train()
         diagnostics = {}
         for epoch in range(args.update_epochs):
             optimizer.zero_grad(set_to_none=True)
-            pg_total, kl_loss_total, clipped_tokens = 0.0, 0.0, 0.0
+            totals = torch.zeros(3, dtype=torch.float64)  # policy loss, penalty, clipped tokens
             for j, mb in enumerate(micro_batches):
-                rows = slice(j * args.micro_batch_size, (j + 1) * args.micro_batch_size)
+                rows = slice(j * M, (j + 1) * M)  # the micro-batch's responses among the rank's R
                 with autocast():
-                    kl, logprobs, teacher_logprobs = common.response_scores(common.final_hidden(student, mb), student_head, mb["teacher_hidden"],
-                                                                            teacher_head, mb, args.kl_chunk_size, vocab)  # (m, L-1)
+                    kl, logprobs, _ = score(mb)  # (M, T) each, now with gradients
                 if epoch == 0:  # the policy that sampled: the PPO ratio's reference, and the logged KL
-                    mb["old_logprobs"], mb["kl_mean"] = logprobs.detach(), common.masked_mean(kl.detach(), mb["response_mask"], dim=1)
-                    mb["cost"] = common.sequence_costs(kl.detach(), mb["response_mask"], args.constraint)
-                pg_loss, clipped = policy_loss(logprobs, mb["old_logprobs"], advantages[rows], mb["response_mask"], args.clip_coef, num_tokens)
-                phi = common.sequence_costs(kl, mb["response_mask"], args.constraint)
-                kl_loss = lagrangian_cost_loss(phi, lagrange_multiplier, batch_size)
-                if args.diagnostic_interval and step % args.diagnostic_interval == 0 and epoch == 0 and j == 0 and rank == 0:
-                    diagnostics = common.gradient_diagnostics({"pg": pg_loss, "kl": kl_loss}, params)
-                (pg_loss + kl_loss).backward()
-                pg_total, kl_loss_total, clipped_tokens = pg_total + pg_loss.item(), kl_loss_total + kl_loss.item(), clipped_tokens + clipped.item()
+                    mb["old_logprobs"] = logprobs.detach()
+                    mb["mean_kl"] = common.masked_mean(kl.detach(), mb["response_mask"], dim=1)  # (M,)
+                    mb["cost"] = common.sequence_costs(kl.detach(), mb["response_mask"], args.constraint)  # (M,)
+                mask, old_logprobs, mb_advantages = mb["response_mask"], mb["old_logprobs"], advantages[rows]
+                pg_loss, clipped = policy_loss(logprobs, old_logprobs, mb_advantages, mask, args.clip_coef, num_tokens)
+                costs = common.sequence_costs(kl, mask, args.constraint)  # (M,) differentiable
+                cost_loss = lagrangian_penalty(costs, lagrange_multiplier, B)
+                if epoch == j == rank == 0 and args.diagnostic_interval and step % args.diagnostic_interval == 0:
+                    diagnostics = common.gradient_diagnostics({"pg": pg_loss, "kl": cost_loss}, params)
+                (pg_loss + cost_loss).backward()
+                totals += torch.tensor([pg_loss.item(), cost_loss.item(), clipped.item()], dtype=torch.float64)
             common.sync_gradients(student)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             optimizer.step()
-        update_seconds = time.time() - step_start - generate_seconds - score_seconds
-        costs = torch.cat([mb["cost"] for mb in micro_batches]).float().cpu()  # (b,) cost(y) before the update
-        shaped_rewards = task_rewards - lagrange_multiplier * costs  # (b,) the Lagrangian, logged only
-        mean_cost = (common.all_reduce(costs.sum()) / batch_size).item()
-        used_multiplier, lagrange_multiplier = lagrange_multiplier, dual_update(lagrange_multiplier, mean_cost, args.budget, args.lambda_lr)
+        costs = torch.cat([mb["cost"] for mb in micro_batches]).float().cpu()  # (R,) cost(y) before the update
+        lagrangian = task_rewards - lagrange_multiplier * costs  # (R,) each response's Lagrangian, logged only
+        mean_cost = (common.all_reduce(costs.sum()) / B).item()
+        used_multiplier = lagrange_multiplier
+        lagrange_multiplier = dual_update(lagrange_multiplier, mean_cost, args.budget, lambda_lr)
 
         # 5. log / eval / save (metrics over all ranks)
         step_seconds = time.time() - step_start
-        lengths = torch.tensor([len(r) for _, r in pairs], dtype=torch.float)
-        kl_means = torch.cat([mb["kl_mean"] for mb in micro_batches]).float().cpu()  # (b,) KLbar(y)
-        rewards, shaped_rewards, costs, kl_means, lengths = (common.all_gather(x) for x in (rewards, shaped_rewards, costs, kl_means, lengths))
-        losses = common.all_reduce(torch.tensor([pg_total, kl_loss_total, clipped_tokens])).tolist()
+        lengths = torch.cat([mb["response_mask"].sum(1) for mb in micro_batches]).float().cpu()  # (R,)
+        mean_kls = torch.cat([mb["mean_kl"] for mb in micro_batches]).float().cpu()  # (R,) KLbar(y)
+        rewards, costs, mean_kls, lengths = map(common.all_gather, (rewards, costs, mean_kls, lengths))  # (B,) each
+        lagrangian = common.all_gather(lagrangian)  # (B,)
+        pg_total, cost_total, clipped_tokens = common.all_reduce(totals).tolist()
+        violating_share = (costs.view(-1, G) > args.budget).float().mean(1)  # (P,) of each group's responses
         record = {
             "step": step + 1,
             "train/reward": rewards.mean().item(),
-            "train/modified_reward": shaped_rewards.mean().item(),
-            "train/mean_kl": kl_means.mean().item(),
+            "train/lagrangian": lagrangian.mean().item(),
+            "train/mean_kl": mean_kls.mean().item(),
             "train/cost": costs.mean().item(),
             "train/csr": (costs <= args.budget).float().mean().item(),
+            "train/mixed_groups": ((violating_share > 0) & (violating_share < 1)).float().mean().item(),
             "train/response_tokens": lengths.mean().item(),
             "train/truncated": (lengths >= args.max_new_tokens).float().mean().item(),
-            "losses/policy_loss": losses[0],
-            "losses/kl_loss": losses[1],
-            "losses/clipfrac": losses[2] / max(num_tokens, 1),
+            "losses/policy_loss": pg_total,
+            "losses/lagrangian_penalty": cost_total,
+            "losses/clipfrac": clipped_tokens / max(num_tokens, 1),
             "losses/grad_norm": grad_norm,
             "dual/lambda": used_multiplier,
             **diagnostics,
             "perf/tokens_per_s": num_tokens / step_seconds,
             "perf/generate_s": generate_seconds,
             "perf/score_s": score_seconds,
-            "perf/update_s": update_seconds,
+            "perf/update_s": step_seconds - generate_seconds - score_seconds,
         }
-        if args.eval_interval and (step + 1) % args.eval_interval == 0 or step + 1 == args.num_steps:
-            record.update(run_eval(step + 1))
+        if step + 1 == args.num_steps or (args.eval_interval > 0 and (step + 1) % args.eval_interval == 0):
+            record.update(evaluate(step + 1, args, *models, eval_problems, rank, world_size, autocast))
         if rank == 0:
-            print(f"step {step + 1} | reward {record['train/reward']:.3f} | modified {record['train/modified_reward']:.3f} | "
-                  f"kl {record['train/mean_kl']:.4f} | cost {record['train/cost']:.4f} | csr {record['train/csr']:.3f} | "
-                  f"len {record['train/response_tokens']:.1f} | pg {losses[0]:.4f} | kl_loss {losses[1]:.4f} | gnorm {grad_norm:.3f} | "
-                  f"{record['perf/tokens_per_s']:.0f} tok/s", flush=True)
-            logger.log(record)
-            common.append_jsonl(run_dir / "samples.jsonl", [  # the step's first group
-                {"step": step + 1, "prompt": prompts[i], "response": responses[i], "gold": problems[i]["answer"], "reward": rewards[i].item(),
-                 "cost": costs[i].item(), "mean_kl": kl_means[i].item(), "modified_reward": shaped_rewards[i].item()} for i in range(args.group_size)])
-        if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == args.num_steps:
+            print(f"step {step + 1} | " + " | ".join(f"{k} {record[k]:.4g}" for k in PRINTED), flush=True)
+            log(record)
+            columns = dict(prompt=prompts, response=responses, gold=[p["answer"] for p in problems], reward=rewards)
+            columns.update(cost=costs, mean_kl=mean_kls, lagrangian=lagrangian)
+            first_group = [{"step": step + 1, **{k: v[i] for k, v in columns.items()}} for i in range(G)]
+            common.append_jsonl(run_dir / "samples.jsonl", first_group)
+        if step + 1 == args.num_steps or (args.save_interval > 0 and (step + 1) % args.save_interval == 0):
             if rank == 0:
-                common.save_checkpoint(run_dir / f"checkpoint-{step + 1}", student, tokenizer, {"step": step + 1, "optimizer": optimizer.state_dict(),
-                                                                                            "lagrange_multiplier": lagrange_multiplier}, args)
+                trainer_state = {"step": step + 1, "optimizer": optimizer.state_dict()}
+                trainer_state["lagrange_multiplier"] = lagrange_multiplier
+                common.save_checkpoint(run_dir / f"checkpoint-{step + 1}", student, tokenizer, trainer_state, args)
             common.barrier()
-    if logger:
-        logger.close()
+    if rank == 0:
+        common.close_writer(writer)
     common.destroy_distributed()
     return run_dir
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (common.InputError, OSError) as e:  # bad input, or a model or dataset that cannot load: one sentence
+        raise SystemExit(common.one_sentence(e)) from None
