@@ -51,10 +51,10 @@ def one_sentence(error: BaseException) -> str:
 
 
 def check_finite(args) -> None:
-    """Every float field of a tyro Args dataclass holds a finite number (tyro parses nan and inf as floats)."""
+    """Every float field (or tuple of floats) of an Args dataclass is finite (tyro parses nan and inf as floats)."""
     for field in fields(args):
         value = getattr(args, field.name)
-        if isinstance(value, float) and not math.isfinite(value):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
             raise InputError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
 
 

@@ -9,7 +9,7 @@ responses with cost <= --budget; the cost quantiles are what a pilot KD run's bu
 The training scripts' periodic eval calls the same `common.evaluate`.
 
 With `--compare A/results.jsonl B/results.jsonl --judge J` it computes instead the Reasoning Win Rate
-(METHOD.md 2.7) of model A vs model B: the judge J reads each problem and the two anonymised solutions
+(docs/reasoning_win_rate.md) of model A vs model B: the judge J reads each problem and the two anonymised solutions
 ("Solution 1"/"Solution 2", no model names, no gold answer) in JUDGE_PROMPT, greedily, in both orders;
 A wins a problem only if both orders prefer A, loses only if both prefer B, else it is a tie; a pair
 with an unparseable verdict is counted and excluded. Rates come with seeded bootstrap 95% intervals.
@@ -84,32 +84,33 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    """Reject bad values with one sentence each, before anything loads."""
+    """Reject bad values with one sentence each (common.InputError), before anything loads."""
+    common.check_finite(args)
     if args.limit is not None and args.limit <= 0:
-        raise SystemExit(f"--limit must be a positive number of problems or omitted, got {args.limit}.")
+        raise common.InputError(f"--limit must be a positive number of problems or omitted, got {args.limit}.")
     for name in ("batch_size", "max_new_tokens", "kl_chunk_size", "judge_max_new_tokens"):
         if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
+            raise common.InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
     if args.temperature < 0:
-        raise SystemExit(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
+        raise common.InputError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
     if args.budget <= 0:
-        raise SystemExit(f"--budget must be > 0 (nats per token, or per response with --constraint sum), got {args.budget}.")
+        raise common.InputError(f"--budget must be > 0 (nats per token, or per response with --constraint sum), got {args.budget}.")
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {args.dtype!r}.")
+        raise common.InputError(f"--dtype must be auto, float32, bfloat16 or float16, got {args.dtype!r}.")
     if args.compare is not None:
         if args.judge is None:
-            raise SystemExit("--compare needs --judge, the judge model (a hub id, a local folder or a .gguf file).")
+            raise common.InputError("--compare needs --judge, the judge model (a hub id, a local folder or a .gguf file).")
         if args.judge == "toy":
-            raise SystemExit("--judge toy is not allowed: the toy models cannot read the judge prompt; pass an instruction-tuned model.")
+            raise common.InputError("--judge toy is not allowed: the toy models cannot read the judge prompt; pass an instruction-tuned model.")
         if args.teacher is not None:
-            raise SystemExit("--teacher has no use with --compare (the judge reads the saved responses; no model is evaluated).")
+            raise common.InputError("--teacher has no use with --compare (the judge reads the saved responses; no model is evaluated).")
         for path in args.compare:
             if not Path(path).expanduser().is_file():
-                raise SystemExit(f"--compare file {path!r} does not exist; pass two results.jsonl files written by eval_math.py.")
+                raise common.InputError(f"--compare file {path!r} does not exist; pass two results.jsonl files written by eval_math.py.")
         common.check_model_path(args.judge, "--judge")
         return
     if args.judge is not None:
-        raise SystemExit("--judge is used only with --compare A/results.jsonl B/results.jsonl (the Reasoning Win Rate of A vs B).")
+        raise common.InputError("--judge is used only with --compare A/results.jsonl B/results.jsonl (the Reasoning Win Rate of A vs B).")
     for flag, value in (("--model", args.model), ("--teacher", args.teacher)):
         if value not in (None, "toy"):
             common.check_model_path(value, flag)
@@ -125,7 +126,7 @@ def tag(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 # The gold answer is not shown (our choice): accuracy already measures final answers, and with the reference
-# in view a judge can decide by matching final answers alone; RWR is meant to compare the reasoning (METHOD.md 2.7).
+# in view a judge can decide by matching final answers alone; RWR is meant to compare the reasoning (docs/reasoning_win_rate.md).
 JUDGE_PROMPT = """\
 Below are a math problem and two solutions to it, written by two different students.
 
@@ -208,7 +209,7 @@ def bootstrap_rates(outcomes: list[str], resamples: int = BOOTSTRAP_RESAMPLES, s
 
 
 def read_results(path: str) -> list[dict]:
-    """The records of an eval_math.py results.jsonl; SystemExit naming the line of the first bad one."""
+    """The records of an eval_math.py results.jsonl; common.InputError naming the line of the first bad one."""
     records = []
     for lineno, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -216,25 +217,25 @@ def read_results(path: str) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}: line {lineno} is not valid JSON ({e.msg}).") from None
+            raise common.InputError(f"{path}: line {lineno} is not valid JSON ({e.msg}).") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
-            raise SystemExit(f"{path}: line {lineno} is not an eval_math.py result (it needs prompt and response strings).")
+            raise common.InputError(f"{path}: line {lineno} is not an eval_math.py result (it needs prompt and response strings).")
         records.append(record)
     if not records:
-        raise SystemExit(f"{path} holds no results.")
+        raise common.InputError(f"{path} holds no results.")
     return records
 
 
 def match_results(a: list[dict], b: list[dict], path_a: str, path_b: str) -> None:
-    """Refuse (SystemExit) unless A and B answer the same problems in the same order: the same question
+    """Refuse (common.InputError) unless A and B answer the same problems in the same order: the same question
     (written by eval_math.py), or the same prompt for files without one."""
     redo = "evaluate both models with this eval_math.py on the same --dataset and --limit, or pass --limit N to judge the first N of each"
     if len(a) != len(b):
-        raise SystemExit(f"{path_a} and {path_b} do not cover the same problems ({len(a)} vs {len(b)} results): {redo}.")
+        raise common.InputError(f"{path_a} and {path_b} do not cover the same problems ({len(a)} vs {len(b)} results): {redo}.")
     key = "question" if all("question" in r for r in a + b) else "prompt"
     for i, (record_a, record_b) in enumerate(zip(a, b), 1):
         if record_a[key].strip() != record_b[key].strip():
-            raise SystemExit(f"{path_a} and {path_b} do not cover the same problems (result {i} differs in its {key}: "
+            raise common.InputError(f"{path_a} and {path_b} do not cover the same problems (result {i} differs in its {key}: "
                              f"{record_a[key][:60]!r} vs {record_b[key][:60]!r}): {redo}.")
 
 
@@ -353,4 +354,7 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (common.InputError, OSError) as e:  # bad input, or a model or dataset that cannot load: one sentence
+        raise SystemExit(common.one_sentence(e)) from None

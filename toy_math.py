@@ -11,7 +11,7 @@ two Llama-architecture models by supervised fine-tuning, each on its own corpus 
 
 So pure distillation fixes the style and keeps the misreading, while the task reward fixes the misreading, which
 moves the student away from the teacher there: the trade-off the paper's constrained method has to manage.
-Everything is saved with `save_pretrained` and loads through the same code as real models. README "The toy task"
+Everything is saved with `save_pretrained` and loads through the same code as real models. docs/toy_task.md
 has the measured figures.
 
     python toy_math.py                  # build (once, a few minutes on 2 CPU cores) and report
@@ -275,6 +275,10 @@ def resolve(value: str, kind: str, seed: int = 0) -> str:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    try:
+        common.check_finite(args)
+    except common.InputError as e:
+        raise SystemExit(common.one_sentence(e)) from None
     folder = build(args)
     report = json.loads((folder / "report.json").read_text())
     keys = ("accuracy", "accuracy_sells", "accuracy_other", "mean_kl", "csr", "mean_response_tokens")

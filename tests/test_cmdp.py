@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -30,14 +31,6 @@ def test_group_advantages_hand_computed():
     expected = torch.tensor([1.0, 0.0, -1.0, 0.0]) / (std + 1e-6)
     assert torch.allclose(cmdp.group_advantages(rewards, 4, norm_std=True)[:4], expected)
     assert (cmdp.group_advantages(rewards, 4, norm_std=True)[4:] == 0).all()  # identical rewards: no signal
-
-
-def test_token_cost_estimators():
-    kl = torch.tensor([[0.2]])
-    logprobs, teacher_logprobs = torch.tensor([[-1.0]]), torch.tensor([[-1.5]])
-    assert cmdp.token_costs(kl, logprobs, teacher_logprobs, "exact") is kl
-    assert torch.allclose(cmdp.token_costs(kl, logprobs, teacher_logprobs, "k1"), torch.tensor([[0.5]]))
-    assert torch.allclose(cmdp.token_costs(kl, logprobs, teacher_logprobs, "k3"), torch.tensor([[math.exp(-0.5) - 1 + 0.5]]))
 
 
 def test_policy_loss_gradient_matches_naive_reinforce():
@@ -80,30 +73,37 @@ def test_explicit_term_weighs_each_violator_one_over_b():
 
 
 def test_total_gradient_is_the_derivative_of_the_modified_objective():
-    """On a one-step problem with every response enumerated, the two loss terms give -grad J_n exactly:
-    J_n(theta) = sum_y pi(y) R~(y), R~(y) = -(n + phi_theta(y)) for violators; (I) is sum_y grad pi(y) R~(y)
-    (the likelihood ratio with R~ detached) and (II) is -sum_{y violating} pi(y) grad phi_theta(y)."""
-    torch.manual_seed(0)
-    theta = torch.randn(4, requires_grad=True)  # logits of 4 one-token responses
-    cost_scale = torch.tensor(0.3, requires_grad=True)  # phi depends on the parameters too
-    rewards, base_costs, budget, n = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0.01, 0.2, 0.5, 0.02]), 0.05, 20.0
+    """The script's own loss, policy_loss (I) + explicit_cost_loss (II) on the script's modified rewards and group
+    advantages, is -grad J_n exactly, J_n(theta) = sum_y pi(y) R~(y) with R~(y) = -(n + phi_theta(y)) for violators.
+    A one-step problem with 4 one-token responses whose probabilities are 1/8, 1/8, 1/4, 1/2: a batch of B = 8 holding
+    each response that many times is an exact expectation, so any weighting error in the loss terms shows."""
+    import common
+
+    probs = torch.tensor([1 / 8, 1 / 8, 1 / 4, 1 / 2], dtype=torch.float64)
+    theta = probs.log().requires_grad_()  # logits of the 4 responses
+    cost_scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # phi depends on the parameters too
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    base_costs = torch.tensor([0.01, 0.2, 0.5, 0.02], dtype=torch.float64)  # two violators, one of them rewarded
+    budget, n = 0.05, 20.0
 
     def objective():
-        pi = torch.softmax(theta, 0)
         phi = base_costs * cost_scale / 0.3
-        shaped = torch.where(phi <= budget, rewards, -(n + phi))
-        return (pi * shaped).sum()
+        return (torch.softmax(theta, 0) * torch.where(phi <= budget, rewards, -(n + phi))).sum()
 
     exact = torch.autograd.grad(-objective(), (theta, cost_scale))
-    pi = torch.softmax(theta, 0)
-    phi = base_costs * cost_scale / 0.3
+    y = torch.tensor([0, 1, 2, 2, 3, 3, 3, 3])  # B = 8 responses in proportion to pi
+    logprobs = torch.log_softmax(theta, 0)[y][:, None]  # (B, T = 1)
+    mask = torch.ones(8, 1)
+    token_costs = (base_costs * cost_scale / 0.3)[y][:, None]  # (B, 1) per-token costs c_t
+    phi = common.sequence_costs(token_costs, mask, "mean")  # (B,) as in the script
     violated = phi.detach() > budget
-    shaped = cmdp.modified_rewards(rewards, phi.detach(), budget, n)
-    term_one = -(pi * shaped).sum()  # the expectation of -A log pi without a baseline: -sum_y pi(y) R~(y), R~ detached
-    term_two = (pi.detach() * phi * violated).sum()  # each violator weighted by its probability (1/B per sample)
-    got = torch.autograd.grad(term_one + term_two, (theta, cost_scale))
+    advantages = cmdp.group_advantages(cmdp.modified_rewards(rewards[y], phi.detach(), budget, n), 8, norm_std=False)
+    pg_loss, _ = cmdp.policy_loss(logprobs, logprobs.detach(), advantages, mask, clip_coef=0.2, num_tokens=8)
+    cost_loss = cmdp.explicit_cost_loss(phi, violated, batch_size=8, coef=1.0)
+    got = torch.autograd.grad(pg_loss + cost_loss, (theta, cost_scale))
     for a, b in zip(got, exact):
         torch.testing.assert_close(a, b)
+    assert exact[1] > 0 and got[0].abs().sum() > 0  # both parameters get a gradient, so both terms are checked
 
 
 def test_batch_indices_cover_each_epoch_once_and_are_reproducible():
@@ -117,6 +117,7 @@ def tiny_run_args(toy, out, *extra):
     return conftest_tiny_run_args("cmdp_distill.py", toy, out, *extra)
 
 
+@pytest.mark.slow
 def test_help_shows_the_papers_flags(tmp_path):
     proc = run_script("cmdp_distill.py", "--help", cwd=tmp_path)
     assert proc.returncode == 0
@@ -129,6 +130,11 @@ def test_help_shows_the_papers_flags(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--budget", "0"], "--budget must be > 0"),
     (["--budget", "-0.1"], "--budget must be > 0"),
+    (["--budget", "nan"], "--budget must be a finite number, got nan"),
+    (["--budget", "inf"], "--budget must be a finite number, got inf"),
+    (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
+    (["--penalty", "-inf"], "--penalty must be a finite number, got -inf"),
+    (["--learning-rate", "0"], "--learning-rate must be > 0"),
     (["--penalty", "-1"], "--penalty and --explicit-coef must be >= 0"),
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--prompts-per-step", "3", "--group-size", "4", "--micro-batch-size", "8"], "must divide"),
@@ -137,12 +143,25 @@ def test_help_shows_the_papers_flags(tmp_path):
     (["--dataset", "/no/such/file.jsonl"], "neither a known name"),
     (["--resume", "/no/such/checkpoint"], "not a checkpoint folder"),
 ])
-def test_bad_input_is_rejected_with_one_sentence(tmp_path, flags, message):
-    proc = run_script("cmdp_distill.py", *flags, cwd=tmp_path)
-    assert proc.returncode != 0 and message in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()  # failed before any run started
+def test_bad_input_is_rejected_with_one_sentence(flags, message):
+    import tyro
+
+    import common
+
+    args = tyro.cli(cmdp.Args, args=flags)
+    with pytest.raises(common.InputError, match=re.escape(message)) as info:
+        cmdp.check_args(args)
+    assert "\n" not in common.one_sentence(info.value)
 
 
+@pytest.mark.slow
+def test_bad_input_exits_with_one_sentence_before_anything_runs(tmp_path):
+    proc = run_script("cmdp_distill.py", "--budget", "nan", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip() == "--budget must be a finite number, got nan."
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
 def test_tokenizer_mismatch_is_rejected(tiny_toy, tmp_path):
     from transformers import AutoTokenizer
     import shutil
@@ -159,6 +178,7 @@ def test_tokenizer_mismatch_is_rejected(tiny_toy, tmp_path):
     assert proc.returncode != 0 and "tokenizers differ" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_steps_end_to_end(tiny_toy, tmp_path):
     proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--save-interval", "1", "--diagnostic-interval", "1"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -168,13 +188,13 @@ def test_two_steps_end_to_end(tiny_toy, tmp_path):
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2]
     for key in ("train/reward", "train/modified_reward", "train/mean_kl", "train/cost", "train/csr", "train/response_tokens",
-                "losses/policy_loss", "losses/kl_loss", "losses/grad_norm", "losses/pg_grad_norm", "losses/kl_grad_norm",
+                "losses/policy_loss", "losses/explicit_cost_loss", "losses/grad_norm", "losses/pg_grad_norm", "losses/kl_grad_norm",
                 "losses/cos_total_pg", "losses/cos_total_kl", "perf/tokens_per_s", "perf/generate_s",
                 "perf/score_s", "perf/update_s", "eval/accuracy", "eval/mean_kl", "eval/csr"):
         assert math.isfinite(records[2][key]), key
     assert records[1]["train/mean_kl"] > 0.0001 and records[1]["train/csr"] == 0  # the tiny student violates the tiny budget ...
     assert records[1]["train/modified_reward"] < -20  # ... so every response gets -(n + phi)
-    assert records[1]["losses/kl_loss"] == pytest.approx(records[1]["train/cost"], rel=1e-4)  # (II): 1/B sum of phi, all violate
+    assert records[1]["losses/explicit_cost_loss"] == pytest.approx(records[1]["train/cost"], rel=1e-4)  # (II), all violate
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 4 and all(s["modified_reward"] == pytest.approx(-(20 + s["cost"])) for s in samples)
     import common
@@ -186,6 +206,7 @@ def test_two_steps_end_to_end(tiny_toy, tmp_path):
     assert not list(run_dir.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_the_enforced_constraint_decides_cost_and_csr(tiny_toy, tmp_path):
     costs = {}
     for constraint in ("sum", "mean", "prefix"):
@@ -203,6 +224,7 @@ def test_the_enforced_constraint_decides_cost_and_csr(tiny_toy, tmp_path):
     assert costs["prefix"] >= costs["mean"] - 1e-6  # the worst prefix mean is at least the full mean
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_toy, tmp_path):
     import safetensors.torch
 
@@ -223,6 +245,7 @@ def test_resume_continues_exactly(tiny_toy, tmp_path):
     assert steps_a == steps_b  # same trajectory, each step logged once
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_batch_and_takes_the_requested_learning_rate(tiny_toy, tmp_path):
     import common
 
@@ -242,6 +265,7 @@ def test_resume_refuses_a_changed_batch_and_takes_the_requested_learning_rate(ti
     assert all(group["lr"] == 0.005 for group in state["optimizer"]["param_groups"])
 
 
+@pytest.mark.slow
 def test_offpolicy_kd_warmup_runs_before_rl(tiny_toy, tmp_path):
     proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "1", "--eval-interval", "0", "--warmup-steps", "3",
                                      "--warmup-learning-rate", "0.01"), cwd=tmp_path)
@@ -253,6 +277,7 @@ def test_offpolicy_kd_warmup_runs_before_rl(tiny_toy, tmp_path):
     assert [r["step"] for r in records if "step" in r] == [0, 1]  # the RL steps follow
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_path):
     """--gradient-checkpointing recomputes activations in the backward; the update is the same (checkpointed layers
     drop the KV cache, so the update's forward runs every prompt in full instead of sharing a group's prompt cache)."""
@@ -270,3 +295,35 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_path):
     for name, plain in weights[""].items():
         assert (plain - start[name]).abs().max() > 0.5e-3, name  # the step moved every tensor (AdamW: by about lr)
         torch.testing.assert_close(weights["--gradient-checkpointing"][name], plain, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_short_run_learns_to_meet_the_budget(tiny_toy, tmp_path):
+    """A dozen steps of the script itself: the share of responses within the budget (CSR) rises and term (II), the
+    explicit gradient of phi on violators, falls. The tiny models' output layers are scaled by 10 so that their KL
+    is large enough to learn from, and every step samples the same problem, so that the trend is not prompt noise."""
+    import common
+
+    for name in ("student", "teacher"):
+        model = common.load_model(str(tiny_toy / name), torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(10)
+        model.save_pretrained(tmp_path / name)
+        common.load_tokenizer(str(tiny_toy / name)).save_pretrained(tmp_path / name)
+    (tmp_path / "one.jsonl").write_text((tiny_toy / "train.jsonl").read_text().splitlines()[0] + "\n")
+    proc = run_script("cmdp_distill.py", "--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                      "--dataset", str(tmp_path / "one.jsonl"), "--eval-dataset", str(tiny_toy / "test.jsonl"),
+                      "--prompts-per-step", "2", "--group-size", "8", "--micro-batch-size", "16", "--max-new-tokens", "12",
+                      "--eval-limit", "4", "--output-dir", str(tmp_path / "runs"), "--budget", "0.25",
+                      "--learning-rate", "1e-4", "--num-steps", "14", "--eval-interval", "0", "--save-interval", "0",
+                      "--diagnostic-interval", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    steps = [r for r in read_metrics(run_dir) if "train/csr" in r]
+    first, last = steps[:3], steps[-4:]
+
+    def mean(records, key):
+        return sum(r[key] for r in records) / len(records)
+
+    assert mean(last, "train/csr") > mean(first, "train/csr") + 0.3
+    assert mean(last, "losses/explicit_cost_loss") < 0.5 * mean(first, "losses/explicit_cost_loss")

@@ -1,6 +1,7 @@
 """common.py plumbing: data loading and its errors, prompts, batching invariances, checkpoints."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -33,19 +34,19 @@ def test_load_problems_normalises_gsm8k_math_and_svamp_rows(tmp_path):
 def test_malformed_dataset_files_name_the_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(common.InputError, match=message):
         common.load_problems(str(path))
 
 
 def test_unknown_dataset_and_model_paths_fail_early(tmp_path):
-    with pytest.raises(SystemExit, match="neither a known name"):
+    with pytest.raises(common.InputError, match="neither a known name"):
         common.load_problems(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(SystemExit, match="must end in .jsonl or .json"):
+    with pytest.raises(common.InputError, match="must end in .jsonl or .json"):
         (tmp_path / "data.csv").write_text("a,b\n")
         common.load_problems(str(tmp_path / "data.csv"))
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(common.InputError, match="does not exist"):
         common.check_model_path(str(tmp_path / "nope"), "--model")
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(common.InputError, match="does not exist"):
         common.check_model_path("nope.gguf", "--model")
     common.check_model_path("Qwen/Qwen2.5-Math-1.5B-Instruct", "--model")  # a hub id passes (checked at load)
     common.check_model_path(str(tmp_path), "--model")
@@ -77,10 +78,13 @@ def test_padding_and_batching_do_not_change_kl_or_logprobs(tiny_toy):
     assert len({len(p) for p, _ in pairs}) > 1  # prompts of different lengths: real left padding
     batch = common.pad_sequences(pairs, tokenizer.pad_token_id, CPU)
     vocab = len(tokenizer)
-    kl, logprobs, teacher_logprobs = common.score(student, teacher, batch, chunk_size=7, vocab_size=vocab)
+    head = teacher.get_output_embeddings().weight
+    batch["teacher_hidden"] = common.final_hidden(teacher, batch)
+    kl, logprobs, teacher_logprobs = common.score(student, batch, head, chunk_size=7, vocab_size=vocab)
     for i, pair in enumerate(pairs):  # each sequence alone, unpadded
         single = common.pad_sequences([pair], tokenizer.pad_token_id, CPU)
-        kl1, lp1, tlp1 = common.score(student, teacher, single, chunk_size=1024, vocab_size=vocab)
+        single["teacher_hidden"] = common.final_hidden(teacher, single)
+        kl1, lp1, tlp1 = common.score(student, single, head, chunk_size=1024, vocab_size=vocab)
         n = len(pair[1])
         rows = batch["response_mask"][i].bool()
         assert rows.sum() == n == single["response_mask"].sum()
@@ -225,7 +229,8 @@ def test_scoring_builds_no_kv_cache_and_generation_does(tiny_toy):
     assert any(cache is not None for _, cache in seen)  # decoding does use one
     seen.clear()
     batch = common.pad_sequences(pairs, tokenizer.pad_token_id, CPU)
-    common.score(model, model, batch, chunk_size=16, vocab_size=len(tokenizer))
+    batch["teacher_hidden"] = common.final_hidden(model, batch)
+    common.score(model, batch, model.get_output_embeddings().weight, chunk_size=16, vocab_size=len(tokenizer))
     assert seen and all(flag is False and cache is None for flag, cache in seen)
 
 
@@ -242,7 +247,7 @@ def test_generation_never_samples_padding_rows_of_a_wider_matrix(tiny_toy):
     pairs = common.generate(model, tokenizer, prompts, 6, 1.0, batch_size=4)
     assert all(t < real for _, response in pairs for t in response)
     assert common.vocab_size(tokenizer, model) == real
-    with pytest.raises(SystemExit, match="fewer than the tokenizer"):
+    with pytest.raises(common.InputError, match="fewer than the tokenizer"):
         model.resize_token_embeddings(real - 1)
         common.vocab_size(tokenizer, model)
 
@@ -283,25 +288,46 @@ def test_disable_dropout_and_derived_seeds(tiny_toy):
     assert 0 <= common.derive_seed(2**40, 7) < 2**63
 
 
-def test_run_logger_writes_jsonl_and_tensorboard(tmp_path):
+def test_metrics_go_to_jsonl_and_tensorboard_under_the_same_keys(tmp_path):
     from dataclasses import dataclass
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     @dataclass
     class Args:
         track: bool = False
 
-    logger = common.RunLogger(tmp_path, Args())
-    logger.log({"warmup/step": 1, "warmup/loss": 2.0})
-    logger.log({"step": 0, "eval/accuracy": 0.5})
-    logger.log({"step": 1, "train/reward": 0.25, "losses/kl_loss": 0.125})
-    logger.close()
-    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][2] == {"step": 1, "train/reward": 0.25, "losses/kl_loss": 0.125}
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
-                                            reason="tensorboard is optional (pip install tensorboard==2.21.0)")
-    events = event_accumulator.EventAccumulator(str(tmp_path))
+    writer = common.make_writer(tmp_path, Args())
+    for record in ({"warmup/step": 1, "warmup/loss": 2.0}, {"step": 0, "eval/accuracy": 0.5},
+                   {"step": 1, "train/reward": 0.25, "losses/explicit_cost_loss": 0.125}):
+        common.log_metrics(writer, tmp_path, record)
+    common.close_writer(writer)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[2] == {"step": 1, "train/reward": 0.25, "losses/explicit_cost_loss": 0.125}
+    events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"warmup/loss", "eval/accuracy", "train/reward", "losses/kl_loss"}
+    assert set(events.Tags()["scalars"]) == {"warmup/loss", "eval/accuracy", "train/reward", "losses/explicit_cost_loss"}
     assert [(e.step, e.value) for e in events.Scalars("train/reward")] == [(1, 0.25)]
+
+
+def test_one_sentence_and_finite_flags():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Args:
+        budget: float = 0.05
+        probs: tuple[float, float] = (0.5, 0.5)
+        limit: int | None = None
+
+    common.check_finite(Args())
+    for bad, message in ((Args(budget=float("nan")), "--budget must be a finite number, got nan"),
+                         (Args(probs=(0.5, float("inf"))), "--probs must be a finite number, got (0.5, inf)")):
+        with pytest.raises(common.InputError, match=re.escape(message)):
+            common.check_finite(bad)
+    assert common.one_sentence(common.InputError("--budget must be > 0, got 0")) == "--budget must be > 0, got 0."
+    sentence = common.one_sentence(OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection."))
+    assert sentence.startswith("OSError: We couldn't connect to 'https://huggingface.co'; without the network")
+    assert "\n" not in sentence and "hf download" in sentence
 
 
 def test_evaluate_scores_each_response_under_the_constraint(tiny_toy):

