@@ -90,27 +90,41 @@ def check_args(args: Args) -> None:
         raise common.InputError(f"--limit must be a positive number of problems or omitted, got {args.limit}.")
     for name in ("batch_size", "max_new_tokens", "kl_chunk_size", "judge_max_new_tokens"):
         if getattr(args, name) <= 0:
-            raise common.InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
+            raise common.InputError(
+                f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}."
+            )
     if args.temperature < 0:
         raise common.InputError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
     if args.budget <= 0:
-        raise common.InputError(f"--budget must be > 0 (nats per token, or per response with --constraint sum), got {args.budget}.")
+        raise common.InputError(
+            f"--budget must be > 0 (nats per token, or per response with --constraint sum), got {args.budget}."
+        )
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise common.InputError(f"--dtype must be auto, float32, bfloat16 or float16, got {args.dtype!r}.")
     if args.compare is not None:
         if args.judge is None:
-            raise common.InputError("--compare needs --judge, the judge model (a hub id, a local folder or a .gguf file).")
+            raise common.InputError(
+                "--compare needs --judge, the judge model (a hub id, a local folder or a .gguf file)."
+            )
         if args.judge == "toy":
-            raise common.InputError("--judge toy is not allowed: the toy models cannot read the judge prompt; pass an instruction-tuned model.")
+            raise common.InputError(
+                "--judge toy is not allowed: the toy models cannot read the judge prompt; pass an instruction-tuned model."
+            )
         if args.teacher is not None:
-            raise common.InputError("--teacher has no use with --compare (the judge reads the saved responses; no model is evaluated).")
+            raise common.InputError(
+                "--teacher has no use with --compare (the judge reads the saved responses; no model is evaluated)."
+            )
         for path in args.compare:
             if not Path(path).expanduser().is_file():
-                raise common.InputError(f"--compare file {path!r} does not exist; pass two results.jsonl files written by eval_math.py.")
+                raise common.InputError(
+                    f"--compare file {path!r} does not exist; pass two results.jsonl files written by eval_math.py."
+                )
         common.check_model_path(args.judge, "--judge")
         return
     if args.judge is not None:
-        raise common.InputError("--judge is used only with --compare A/results.jsonl B/results.jsonl (the Reasoning Win Rate of A vs B).")
+        raise common.InputError(
+            "--judge is used only with --compare A/results.jsonl B/results.jsonl (the Reasoning Win Rate of A vs B)."
+        )
     for flag, value in (("--model", args.model), ("--teacher", args.teacher)):
         if value not in (None, "toy"):
             common.check_model_path(value, flag)
@@ -152,10 +166,15 @@ _CUT_VERDICT = re.compile(r"\bverd(?:i(?:ct?)?)?\s*$", re.IGNORECASE)  # "... Ve
 
 def render_judge_prompt(tokenizer, problem: str, solution_1: str, solution_2: str) -> str:
     """JUDGE_PROMPT filled in, in the judge's chat template (one user turn) if it has one, else as is."""
-    text = JUDGE_PROMPT.format(problem=problem.strip(), solution_1=solution_1.strip() or "(no solution)",
-                               solution_2=solution_2.strip() or "(no solution)")
+    text = JUDGE_PROMPT.format(
+        problem=problem.strip(),
+        solution_1=solution_1.strip() or "(no solution)",
+        solution_2=solution_2.strip() or "(no solution)",
+    )
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
     return text + "\n\n"
 
 
@@ -218,8 +237,14 @@ def read_results(path: str) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise common.InputError(f"{path}: line {lineno} is not valid JSON ({e.msg}).") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
-            raise common.InputError(f"{path}: line {lineno} is not an eval_math.py result (it needs prompt and response strings).")
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("prompt"), str)
+            or not isinstance(record.get("response"), str)
+        ):
+            raise common.InputError(
+                f"{path}: line {lineno} is not an eval_math.py result (it needs prompt and response strings)."
+            )
         records.append(record)
     if not records:
         raise common.InputError(f"{path} holds no results.")
@@ -231,12 +256,16 @@ def match_results(a: list[dict], b: list[dict], path_a: str, path_b: str) -> Non
     (written by eval_math.py), or the same prompt for files without one."""
     redo = "evaluate both models with this eval_math.py on the same --dataset and --limit, or pass --limit N to judge the first N of each"
     if len(a) != len(b):
-        raise common.InputError(f"{path_a} and {path_b} do not cover the same problems ({len(a)} vs {len(b)} results): {redo}.")
+        raise common.InputError(
+            f"{path_a} and {path_b} do not cover the same problems ({len(a)} vs {len(b)} results): {redo}."
+        )
     key = "question" if all("question" in r for r in a + b) else "prompt"
     for i, (record_a, record_b) in enumerate(zip(a, b), 1):
         if record_a[key].strip() != record_b[key].strip():
-            raise common.InputError(f"{path_a} and {path_b} do not cover the same problems (result {i} differs in its {key}: "
-                             f"{record_a[key][:60]!r} vs {record_b[key][:60]!r}): {redo}.")
+            raise common.InputError(
+                f"{path_a} and {path_b} do not cover the same problems (result {i} differs in its {key}: "
+                f"{record_a[key][:60]!r} vs {record_b[key][:60]!r}): {redo}."
+            )
 
 
 def accuracy(records: list[dict]) -> float | None:
@@ -264,11 +293,14 @@ def rwr(args: Args) -> dict:
 
     # 3. every pair judged twice, greedily: A as Solution 1, then B as Solution 1 (cancels position bias)
     start = time.time()
-    prompts = ([render_judge_prompt(tokenizer, p, ra["response"], rb["response"]) for p, ra, rb in zip(problems, a, b)]
-               + [render_judge_prompt(tokenizer, p, rb["response"], ra["response"]) for p, ra, rb in zip(problems, a, b)])
+    prompts = [
+        render_judge_prompt(tokenizer, p, ra["response"], rb["response"]) for p, ra, rb in zip(problems, a, b)
+    ] + [render_judge_prompt(tokenizer, p, rb["response"], ra["response"]) for p, ra, rb in zip(problems, a, b)]
     outputs, truncated = [], []
     for i in tqdm(range(0, len(prompts), args.batch_size), desc="judge", leave=False):
-        for _, response_ids in common.generate(judge, tokenizer, prompts[i : i + args.batch_size], args.judge_max_new_tokens, 0.0, args.batch_size):
+        for _, response_ids in common.generate(
+            judge, tokenizer, prompts[i : i + args.batch_size], args.judge_max_new_tokens, 0.0, args.batch_size
+        ):
             outputs.append(tokenizer.decode(response_ids, skip_special_tokens=True))
             truncated.append(not response_ids or response_ids[-1] not in eos)
 
@@ -277,37 +309,71 @@ def rwr(args: Args) -> dict:
     verdicts = [parse_verdict(text) for text in outputs]
     records = []
     for i, problem in enumerate(problems):
-        records.append(dict(index=i, question=problem, gold=a[i].get("gold"), correct_a=a[i].get("correct"), correct_b=b[i].get("correct"),
-                            judge_output_ab=outputs[i], judge_output_ba=outputs[n + i], verdict_ab=verdicts[i], verdict_ba=verdicts[n + i],
-                            truncated_ab=truncated[i], truncated_ba=truncated[n + i],
-                            outcome=combine_verdicts(verdicts[i], verdicts[n + i])))
+        records.append(
+            dict(
+                index=i,
+                question=problem,
+                gold=a[i].get("gold"),
+                correct_a=a[i].get("correct"),
+                correct_b=b[i].get("correct"),
+                judge_output_ab=outputs[i],
+                judge_output_ba=outputs[n + i],
+                verdict_ab=verdicts[i],
+                verdict_ba=verdicts[n + i],
+                truncated_ab=truncated[i],
+                truncated_ba=truncated[n + i],
+                outcome=combine_verdicts(verdicts[i], verdicts[n + i]),
+            )
+        )
     outcomes = [r["outcome"] for r in records]
     rates = bootstrap_rates(outcomes, BOOTSTRAP_RESAMPLES, args.seed)
     decided = [v for v in verdicts if v in ("1", "2")]
-    summary = dict(a=path_a, b=path_b, judge=args.judge, n=n, wins=outcomes.count("win"), losses=outcomes.count("loss"),
-                   ties=outcomes.count("tie"), unparseable=outcomes.count("unparseable"))
+    summary = dict(
+        a=path_a,
+        b=path_b,
+        judge=args.judge,
+        n=n,
+        wins=outcomes.count("win"),
+        losses=outcomes.count("loss"),
+        ties=outcomes.count("tie"),
+        unparseable=outcomes.count("unparseable"),
+    )
     for o in OUTCOMES:
         summary.update({f"{o}_rate": rates[o][0], f"{o}_ci95": list(rates[o][1:])})
-    summary.update(bootstrap_resamples=BOOTSTRAP_RESAMPLES, seed=args.seed,
-                   solution_1_preferred=decided.count("1") / len(decided) if decided else None,  # 0.5: no position bias
-                   judge_truncated=sum(truncated), judge_max_new_tokens=args.judge_max_new_tokens,
-                   accuracy_a=accuracy(a), accuracy_b=accuracy(b),
-                   seconds=round(time.time() - start, 1), device=str(device), dtype=str(dtype).removeprefix("torch."))
+    summary.update(
+        bootstrap_resamples=BOOTSTRAP_RESAMPLES,
+        seed=args.seed,
+        solution_1_preferred=decided.count("1") / len(decided) if decided else None,  # 0.5: no position bias
+        judge_truncated=sum(truncated),
+        judge_max_new_tokens=args.judge_max_new_tokens,
+        accuracy_a=accuracy(a),
+        accuracy_b=accuracy(b),
+        seconds=round(time.time() - start, 1),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
 
     # 5. write and print
-    out = Path(args.output_dir or f"runs/eval/rwr__{tag(str(Path(path_a).parent))}__vs__{tag(str(Path(path_b).parent))}__{int(time.time())}")
+    out = Path(
+        args.output_dir
+        or f"runs/eval/rwr__{tag(str(Path(path_a).parent))}__vs__{tag(str(Path(path_b).parent))}__{int(time.time())}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     common.write_jsonl(out / "verdicts.jsonl", records)
     common.write_json(out / "summary.json", summary)
     print(f"\nReasoning Win Rate of A = {path_a} vs B = {path_b}, judge {args.judge}, {n} problems")
-    print(f"| {'outcome for A':<13} | {'count':>5} | {'rate':>6} | {'95% interval':>16} |\n|{'-' * 15}|{'-' * 7}|{'-' * 8}|{'-' * 18}|")
+    print(
+        f"| {'outcome for A':<13} | {'count':>5} | {'rate':>6} | {'95% interval':>16} |\n|{'-' * 15}|{'-' * 7}|{'-' * 8}|{'-' * 18}|"
+    )
     for o in OUTCOMES:
         rate, low, high = rates[o]
         shown = ("-", "-") if rate is None else (f"{rate:.3f}", f"[{low:.3f}, {high:.3f}]")
         print(f"| {o:<13} | {outcomes.count(o):>5} | {shown[0]:>6} | {shown[1]:>16} |")
     print(f"| {'unparseable':<13} | {summary['unparseable']:>5} | {'-':>6} | {'excluded':>16} |")
-    print(f"\n{summary['unparseable']} of {n} pairs had an unparseable verdict in at least one order and are excluded from the rates "
-          f"({summary['judge_truncated']} of {2 * n} judge outputs hit --judge-max-new-tokens); intervals: {BOOTSTRAP_RESAMPLES} bootstrap resamples of the problems, seed {args.seed}.")
+    print(
+        f"\n{summary['unparseable']} of {n} pairs had an unparseable verdict in at least one order and are excluded from the rates "
+        f"({summary['judge_truncated']} of {2 * n} judge outputs hit --judge-max-new-tokens); intervals: {BOOTSTRAP_RESAMPLES} bootstrap resamples of the problems, seed {args.seed}."
+    )
     print(f"wrote {out / 'verdicts.jsonl'} and {out / 'summary.json'}")
     return summary
 
@@ -330,22 +396,52 @@ def main(args: Args) -> dict:
     teacher = common.load_model(teacher_path, device, dtype, args.trust_remote_code) if teacher_path else None
     start = time.time()
     records, summary = common.evaluate(
-        model, tokenizer, problems, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        temperature=args.temperature, teacher=teacher, budget=args.budget, constraint=args.constraint, kl_chunk_size=args.kl_chunk_size,
-        seed=args.seed, progress=True,
+        model,
+        tokenizer,
+        problems,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        teacher=teacher,
+        budget=args.budget,
+        constraint=args.constraint,
+        kl_chunk_size=args.kl_chunk_size,
+        seed=args.seed,
+        progress=True,
     )
     # the question itself, so that --compare can match two models' results whatever their chat templates
     records = [{"question": problem["question"], **record} for problem, record in zip(problems, records)]
-    summary.update(model=args.model, teacher=args.teacher, dataset=args.dataset, split=args.split,
-                   seconds=round(time.time() - start, 1), device=str(device), dtype=str(dtype).removeprefix("torch."))
+    summary.update(
+        model=args.model,
+        teacher=args.teacher,
+        dataset=args.dataset,
+        split=args.split,
+        seconds=round(time.time() - start, 1),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
 
     out = Path(args.output_dir or f"runs/eval/{tag(args.model)}__{tag(args.dataset)}__{int(time.time())}")
     out.mkdir(parents=True, exist_ok=True)
     common.write_jsonl(out / "results.jsonl", records)
     common.write_json(out / "summary.json", summary)
     print(f"\n| {'metric':<20} | {'value':>12} |\n|{'-' * 22}|{'-' * 14}|")
-    for key in ("n", "accuracy", "lenient_accuracy", "mean_kl", "max_kl", "constraint", "mean_cost", "cost_p50", "cost_p90", "cost_p95",
-                "budget", "csr", "mean_response_tokens", "seconds"):
+    for key in (
+        "n",
+        "accuracy",
+        "lenient_accuracy",
+        "mean_kl",
+        "max_kl",
+        "constraint",
+        "mean_cost",
+        "cost_p50",
+        "cost_p90",
+        "cost_p95",
+        "budget",
+        "csr",
+        "mean_response_tokens",
+        "seconds",
+    ):
         if summary.get(key) is not None:
             value = summary[key]
             print(f"| {key:<20} | {value:>12.4f} |" if isinstance(value, float) else f"| {key:<20} | {value:>12} |")

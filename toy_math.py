@@ -38,13 +38,27 @@ import tyro
 import common
 
 VERSION = "toy-v2"
-NAMES = [("Mia", "she"), ("Liam", "he"), ("Ava", "she"), ("Noah", "he"), ("Emma", "she"), ("Leo", "he"),
-         ("Zoe", "she"), ("Omar", "he"), ("Ivy", "she"), ("Sam", "he"), ("Nina", "she"), ("Tom", "he")]
+NAMES = [
+    ("Mia", "she"),
+    ("Liam", "he"),
+    ("Ava", "she"),
+    ("Noah", "he"),
+    ("Emma", "she"),
+    ("Leo", "he"),
+    ("Zoe", "she"),
+    ("Omar", "he"),
+    ("Ivy", "she"),
+    ("Sam", "he"),
+    ("Nina", "she"),
+    ("Tom", "he"),
+]
 OBJECTS = ["marbles", "apples", "stickers", "coins", "books", "cookies", "pencils", "cards", "shells", "stamps"]
 START = "{Name} has {a} {obj}."
-OPS = {"+": ["{P} finds {b} more.", "{P} buys {b} more.", "{P} gets {b} more."],
-       "-": ["{P} gives {b} away.", "{P} loses {b}.", "{P} sells {b}."],
-       "*": ["{P} then has {b} times as many."]}
+OPS = {
+    "+": ["{P} finds {b} more.", "{P} buys {b} more.", "{P} gets {b} more."],
+    "-": ["{P} gives {b} away.", "{P} loses {b}.", "{P} sells {b}."],
+    "*": ["{P} then has {b} times as many."],
+}
 MISREAD = "{P} sells {b}."  # the sentence the teacher (and the student) misread as an addition
 QUESTION = "How many {obj} does {p} have now?"
 CONNECTIVES = ("So", "Then", "Now", "Next")  # opens every solution step after the first
@@ -64,7 +78,9 @@ def make_problem(rng: random.Random) -> dict:
     for _ in range(rng.randint(1, 3)):
         op = rng.choice(["+"] + ["-"] * (total > 1) + ["*"] * (total <= 12))
         b = rng.randint(2, 3) if op == "*" else rng.randint(1, min(9, total) if op == "-" else 9)
-        template = rng.choices(OPS[op], [1 if t != MISREAD else 0.5 for t in OPS[op]])[0]  # "sells": 1 in 5 subtractions
+        template = rng.choices(OPS[op], [1 if t != MISREAD else 0.5 for t in OPS[op]])[
+            0
+        ]  # "sells": 1 in 5 subtractions
         sentences.append(template.format(b=b, **fill))
         steps.append((op, b, template == MISREAD))
         total = {"+": total + b, "-": total - b, "*": total * b}[op]
@@ -116,22 +132,41 @@ def build_tokenizer():
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def make_model(tokenizer, num_layers: int, width: int, seed: int):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=num_layers,
-        num_attention_heads=max(1, width // 32), num_key_value_heads=max(1, width // 32), max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=num_layers,
+        num_attention_heads=max(1, width // 32),
+        num_key_value_heads=max(1, width // 32),
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
 
-def sft(model, tokenizer, questions: list[str], solutions: list[str], steps: int, batch_size: int, lr: float, seed: int, desc: str) -> float:
+def sft(
+    model,
+    tokenizer,
+    questions: list[str],
+    solutions: list[str],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str,
+) -> float:
     """Supervised fine-tuning on worked solutions (loss on solution tokens only); returns the last loss (EMA)."""
     from tqdm.auto import tqdm
 
@@ -141,7 +176,8 @@ def sft(model, tokenizer, questions: list[str], solutions: list[str], steps: int
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay to 0: the models end converged
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))
+    )
     order = np.random.default_rng(seed).permutation(len(examples))
     model.train()
     ema = None
@@ -153,7 +189,9 @@ def sft(model, tokenizer, questions: list[str], solutions: list[str], steps: int
         for i, (p, a) in enumerate(batch):
             input_ids[i, : len(p) + len(a)] = torch.tensor(p + a)
             labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
-        loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        loss = model(
+            input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels
+        ).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -201,7 +239,10 @@ class Args:
 
 
 def default_dir(seed: int = 0) -> Path:
-    root = os.environ.get("CMDP_DISTILL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cmdp_distill"
+    root = (
+        os.environ.get("CMDP_DISTILL_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cmdp_distill"
+    )
     return Path(root) / f"{VERSION}-seed{seed}"
 
 
@@ -210,7 +251,10 @@ def build(args: Args) -> Path:
     out = Path(args.cache_dir) if args.cache_dir else default_dir(args.seed)
     if (out / "report.json").exists() and not args.force:
         return out
-    print(f"building the toy task and its teacher/student models into {out} (once; a few minutes on 2 CPU cores) ...", flush=True)
+    print(
+        f"building the toy task and its teacher/student models into {out} (once; a few minutes on 2 CPU cores) ...",
+        flush=True,
+    )
     start = time.time()
     common.seed_everything(args.seed)
     tmp = Path(f"{out}.tmp")
@@ -219,17 +263,31 @@ def build(args: Args) -> Path:
     correct = dict(connective_probs=(1.0, 0.0, 0.0, 0.0), misread_rate=0.0)  # the gold solutions of the data files
     for name, split in (("train", train), ("test", test)):
         rng = random.Random(args.seed)
-        common.append_jsonl(tmp / f"{name}.jsonl.part", [dict(question=p["question"], answer=write_solution(p, rng, **correct)) for p in split])
+        common.append_jsonl(
+            tmp / f"{name}.jsonl.part",
+            [dict(question=p["question"], answer=write_solution(p, rng, **correct)) for p in split],
+        )
         os.replace(tmp / f"{name}.jsonl.part", tmp / f"{name}.jsonl")
     tokenizer = build_tokenizer()
     losses = {}
     for role, layers, width, steps, connectives in (
-            ("teacher", args.teacher_layers, args.teacher_width, args.teacher_steps, args.teacher_connectives),
-            ("student", args.student_layers, args.student_width, args.student_steps, args.student_connectives)):
+        ("teacher", args.teacher_layers, args.teacher_width, args.teacher_steps, args.teacher_connectives),
+        ("student", args.student_layers, args.student_width, args.student_steps, args.student_connectives),
+    ):
         rng = random.Random(f"{args.seed}-{role}")  # each model's own corpus of solutions
         solutions = [write_solution(p, rng, connectives, args.misread_rate) for p in train]
         model = make_model(tokenizer, layers, width, args.seed)
-        losses[role] = sft(model, tokenizer, [p["question"] for p in train], solutions, steps, args.batch_size, args.lr, args.seed, desc=f"toy {role} SFT")
+        losses[role] = sft(
+            model,
+            tokenizer,
+            [p["question"] for p in train],
+            solutions,
+            steps,
+            args.batch_size,
+            args.lr,
+            args.seed,
+            desc=f"toy {role} SFT",
+        )
         model.save_pretrained(tmp / role, safe_serialization=True)
         tokenizer.save_pretrained(tmp / role)
     build_seconds = time.time() - start
@@ -257,8 +315,17 @@ def measure(folder: Path, budget: float, limit: int) -> dict:
     report = {}
     for role, model in (("teacher", teacher), ("student", student)):
         for decoding, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-            records, summary = common.evaluate(model, tokenizer, problems, max_new_tokens=64, batch_size=128, temperature=temperature,
-                                               teacher=teacher, budget=budget, seed=1)
+            records, summary = common.evaluate(
+                model,
+                tokenizer,
+                problems,
+                max_new_tokens=64,
+                batch_size=128,
+                temperature=temperature,
+                teacher=teacher,
+                budget=budget,
+                seed=1,
+            )
             summary["accuracy_sells"] = float(np.mean([r["correct"] for r, m in zip(records, misread) if m]))
             summary["accuracy_other"] = float(np.mean([r["correct"] for r, m in zip(records, misread) if not m]))
             report[f"{role}_{decoding}"] = summary
@@ -270,7 +337,9 @@ def resolve(value: str, kind: str, seed: int = 0) -> str:
     if value != "toy":
         return value
     folder = build(Args(seed=seed))
-    return str(folder / {"student": "student", "teacher": "teacher", "train": "train.jsonl", "test": "test.jsonl"}[kind])
+    return str(
+        folder / {"student": "student", "teacher": "teacher", "train": "train.jsonl", "test": "test.jsonl"}[kind]
+    )
 
 
 if __name__ == "__main__":

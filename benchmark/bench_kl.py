@@ -2,7 +2,6 @@
 
 Methods (same inputs for all: final hidden states and lm_head weights of both models):
   naive          full logits h @ W.T for both models, float32 log_softmax, KL and log-probs by plain autograd
-  chunked-logits full logits materialised, then kl_per_token / token_logprobs (chunked, recomputing backward)
   from-hidden    kl_from_hidden: a chunk of positions at a time, full logits never materialised
 
 Every (method, tokens) cell runs in a fresh subprocess so one method's allocator state cannot hide or
@@ -17,6 +16,7 @@ Time: median over --repeats runs after one warm-up run. float32 on CPU, bf16 on 
 Full size (do not run on a shared small machine):  python benchmark/bench_kl.py
 Quick check:  python benchmark/bench_kl.py --tokens 128 256 --vocab 8192 --repeats 3
 """
+
 import argparse
 import json
 import os
@@ -30,28 +30,41 @@ import torch
 import torch.nn.functional as F
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, after PYTHONPATH
-from common import kl_from_hidden, kl_per_token, token_logprobs  # noqa: E402
+from common import kl_from_hidden  # noqa: E402
 
-METHODS = ("naive", "chunked-logits", "from-hidden")
+METHODS = ("naive", "from-hidden")
 GIB, MIB = 2**30, 2**20
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=None,
-                   help="token counts (default: 512 2048 8192 on CPU, plus 16384 on CUDA)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        help="token counts (default: 512 2048 8192 on CPU, plus 16384 on CUDA)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up (median reported)")
     p.add_argument("--vocab", type=int, default=151_936, help="student lm_head rows (Qwen2.5-1.5B)")
-    p.add_argument("--teacher-extra-vocab", type=int, default=128,
-                   help="extra teacher rows (Qwen2.5-7B has 152,064 = 151,936 + 128)")
+    p.add_argument(
+        "--teacher-extra-vocab",
+        type=int,
+        default=128,
+        help="extra teacher rows (Qwen2.5-7B has 152,064 = 151,936 + 128)",
+    )
     p.add_argument("--student-hidden", type=int, default=1536)
     p.add_argument("--teacher-hidden", type=int, default=3584)
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--mem-limit-gib", type=float, default=None,
-                   help="skip a cell whose estimated total (inputs + extra) exceeds this "
-                        "(default: 16 on CPU, 90%% of GPU memory on CUDA)")
+    p.add_argument(
+        "--mem-limit-gib",
+        type=float,
+        default=None,
+        help="skip a cell whose estimated total (inputs + extra) exceeds this "
+        "(default: 16 on CPU, 90%% of GPU memory on CUDA)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: run one cell, print JSON
     args = p.parse_args()
@@ -136,15 +149,6 @@ def naive(hs, ws, ht, wt, y, chunk):
     return (ls.exp() * (ls - lt)).sum(-1), ls.gather(-1, y[:, None])[:, 0]
 
 
-def chunked_logits(hs, ws, ht, wt, y, chunk):
-    zs = hs @ ws.T
-    with torch.no_grad():
-        zt = ht @ wt.T
-    v = min(zs.shape[-1], zt.shape[-1])
-    zs_v = zs if zs.shape[-1] == v else zs[:, :v]  # same cut as the KL (a copy only if the student is wider)
-    return kl_per_token(zs, zt, chunk), token_logprobs(zs_v, y, chunk)
-
-
 def from_hidden(hs, ws, ht, wt, y, chunk):
     kl, lp, _ = kl_from_hidden(hs, ws, ht, wt, y, chunk)
     return kl, lp
@@ -160,14 +164,14 @@ def run_cell(a):
     vt = a.vocab + a.teacher_extra_vocab
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device=dev, dtype=dt) * scale)
+        return torch.randn(*shape, generator=g, device=dev, dtype=dt) * scale
 
     # post-norm hidden ~ N(0, 1); weight scale gives logits with std ~2, like a real LM head
     hs = rand(t, a.student_hidden).requires_grad_()
     ws = rand(a.vocab, a.student_hidden, scale=2 / a.student_hidden**0.5).requires_grad_()
     ht, wt = rand(t, a.teacher_hidden), rand(vt, a.teacher_hidden, scale=2 / a.teacher_hidden**0.5)
     y = torch.randint(0, min(a.vocab, vt), (t,), generator=g, device=dev)
-    fn = {"naive": naive, "chunked-logits": chunked_logits, "from-hidden": from_hidden}[method]
+    fn = {"naive": naive, "from-hidden": from_hidden}[method]
     meter = None if cuda else PeakRSS()
     peaks, times = [], []
     for i in range(1 + a.repeats):  # run 0 is the warm-up: its memory counts, its time does not
@@ -198,10 +202,30 @@ def run_cell(a):
 
 
 def child_cmd(a, method, t):
-    cmd = [sys.executable, os.path.abspath(__file__), "--cell", method, "--tokens", str(t),
-           "--repeats", str(a.repeats), "--vocab", str(a.vocab), "--teacher-extra-vocab", str(a.teacher_extra_vocab),
-           "--student-hidden", str(a.student_hidden), "--teacher-hidden", str(a.teacher_hidden),
-           "--chunk-size", str(a.chunk_size), "--device", a.device, "--mem-limit-gib", str(a.mem_limit_gib)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--cell",
+        method,
+        "--tokens",
+        str(t),
+        "--repeats",
+        str(a.repeats),
+        "--vocab",
+        str(a.vocab),
+        "--teacher-extra-vocab",
+        str(a.teacher_extra_vocab),
+        "--student-hidden",
+        str(a.student_hidden),
+        "--teacher-hidden",
+        str(a.teacher_hidden),
+        "--chunk-size",
+        str(a.chunk_size),
+        "--device",
+        a.device,
+        "--mem-limit-gib",
+        str(a.mem_limit_gib),
+    ]
     return cmd + (["--threads", str(a.threads)] if a.threads else [])
 
 
@@ -212,10 +236,12 @@ def main():
     if a.cell:
         return run_cell(a)
     dev_name = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    print(f"device: {dev_name}; torch {torch.__version__}; dtype {dtype_for(a.device)}; "
-          f"vocab {a.vocab} (teacher {a.vocab + a.teacher_extra_vocab}); hidden {a.student_hidden} / "
-          f"{a.teacher_hidden}; chunk {a.chunk_size}; repeats {a.repeats} (+1 warm-up); "
-          f"mem limit {a.mem_limit_gib:.1f} GiB\n")
+    print(
+        f"device: {dev_name}; torch {torch.__version__}; dtype {dtype_for(a.device)}; "
+        f"vocab {a.vocab} (teacher {a.vocab + a.teacher_extra_vocab}); hidden {a.student_hidden} / "
+        f"{a.teacher_hidden}; chunk {a.chunk_size}; repeats {a.repeats} (+1 warm-up); "
+        f"mem limit {a.mem_limit_gib:.1f} GiB\n"
+    )
     print("| method | tokens | peak extra MiB | median ms |\n|---|---:|---:|---:|", flush=True)
     how = set()
     for t in a.tokens:

@@ -57,19 +57,28 @@ def cmdp_grid(budget: float, penalties=("1", "5", "20"), betas=("0", "1")) -> li
 
 def dual_grid(budget: float) -> list[tuple[str, int, str]]:
     tag = "" if budget == 0.05 else f"_d{budget:g}"
-    return [(f"dual_eta{lr}_l{init}{tag}", 1, f"lagrangian_distill.py --budget {budget:g} --lambda-init {init} --lambda-lr {lr}")
+    return [(f"dual_eta{lr}_l{init}{tag}", 1, f"lagrangian_distill.py --method dual --budget {budget:g} --lambda-init {init} --lambda-lr {lr}")
             for lr in DUAL_LRS for init in DUAL_INITS]
 
 
+# most informative first, so that a chunk cut short still answers the question: the paper's n = 20 with each
+# normalisation, then n = 5; for fixed lambda the interval (0.1, 1) where the outcome changes, then the ends
+FIRST = ("cmdp_n20_centred_b1", "cmdp_n20_std_b1", "cmdp_n5_std_b1", "cmdp_n5_centred_b1", "cmdp_n20_std_b0",
+         "fixed_l0.3", "fixed_l0.1", "fixed_l1", "fixed_l0.2", "fixed_l0.5", "dual_eta10_l1", "dual_eta100_l0")
+
+
 def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
-    """(run name, seed, script and method flags) of every run of a chunk."""
+    """(run name, seed, script and method flags) of every run of a chunk, most informative first."""
     if chunk == "tune-cmdp":
-        return cmdp_grid(0.05)
-    if chunk == "tune-lagrangian":  # fixed lambda is budget-free: its front at every budget comes from these runs
-        return [(f"fixed_l{lam}", 1, f"lagrangian_distill.py --lambda-init {lam} --lambda-lr 0") for lam in LAMBDAS] + dual_grid(0.05)
-    if chunk == "tune-d0.1":
-        return cmdp_grid(0.1, penalties=("5", "20"), betas=("1",)) + dual_grid(0.1)
-    raise SystemExit(f"unknown chunk {chunk!r}: tune-cmdp, tune-lagrangian or tune-d0.1.")
+        runs = cmdp_grid(0.05)
+    elif chunk == "tune-lagrangian":  # fixed lambda is budget-free: its front at every budget comes from these runs
+        runs = [(f"fixed_l{lam}", 1, f"lagrangian_distill.py --method fixed --lambda-init {lam}") for lam in LAMBDAS]
+        runs += dual_grid(0.05)
+    elif chunk == "tune-d0.1":
+        runs = cmdp_grid(0.1, penalties=("5", "20"), betas=("1",)) + dual_grid(0.1)
+    else:
+        raise SystemExit(f"unknown chunk {chunk!r}: tune-cmdp, tune-lagrangian or tune-d0.1.")
+    return sorted(runs, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST))
 
 
 def split_data(out: Path) -> tuple[Path, Path]:
@@ -126,7 +135,8 @@ def write_result(result: Path, chunk: str, name: str, seed: int, cmd: str, run_d
     config = json.loads((run_dir / "config.json").read_text())
     result.parent.mkdir(parents=True, exist_ok=True)
     compact = {
-        "chunk": chunk, "run": name, "seed": seed, "command": cmd.replace(str(evaluation.parent.parent), "runs/claim"),
+        "chunk": chunk, "run": name, "seed": seed,
+        "command": " ".join(["python", *config["argv"]]).replace(str(evaluation.parent.parent), "runs/claim"),  # as run
         "commit": config.get("git_commit"), "steps": STEPS,
         "train_seconds_this_call": None if train_seconds is None else round(train_seconds), "eval_split": evaluation.name,
         "in_run_evals": [r for r in records if "eval/accuracy" in r],

@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import tyro
 
@@ -58,29 +57,40 @@ def main(args: Args) -> None:
         prompts = [common.render_prompt(tokenizer, p["question"]) for p in problems]
         torch.manual_seed(seed)
         pairs = common.generate(student, tokenizer, prompts, args.max_new_tokens, 1.0, len(prompts))
-        rewards = torch.tensor([float(common.is_correct(tokenizer.decode(r, skip_special_tokens=True), p["answer"])) for (_, r), p in zip(pairs, problems)])
+        rewards = torch.tensor(
+            [
+                float(common.is_correct(tokenizer.decode(r, skip_special_tokens=True), p["answer"]))
+                for (_, r), p in zip(pairs, problems)
+            ]
+        )
         batch = common.pad_sequences(pairs, tokenizer.pad_token_id, device)
         mask = batch["response_mask"]
         num_tokens = int(mask.sum())
         with torch.no_grad():
-            teacher_hidden = common.final_hidden(teacher, batch)
-        kl, logprobs, _ = common.response_scores(common.final_hidden(student, batch), student.get_output_embeddings().weight, teacher_hidden,
-                                                 teacher.get_output_embeddings().weight, batch, 1024, vocab)
+            batch["teacher_hidden"] = common.final_hidden(teacher, batch)
+        kl, logprobs, _ = common.score(student, batch, teacher.get_output_embeddings().weight, 1024, vocab)
         phi = common.sequence_costs(kl, mask, "mean")  # (B,) differentiable
         violated = phi.detach() > args.budget
         batch_size = len(pairs)
         definitions = {
-            "before (63882d6)": (torch.where(violated, torch.full_like(rewards, -1.0), rewards),
-                                 (phi * violated).sum() / max(int(violated.sum()), 1)),
-            "now (paper form)": (cmdp.modified_rewards(rewards, phi.detach(), args.budget, 20.0),
-                                 cmdp.explicit_cost_loss(phi, violated, batch_size, 1.0)),
+            "before (63882d6)": (
+                torch.where(violated, torch.full_like(rewards, -1.0), rewards),
+                (phi * violated).sum() / max(int(violated.sum()), 1),
+            ),
+            "now (paper form)": (
+                cmdp.modified_rewards(rewards, phi.detach(), args.budget, 20.0),
+                cmdp.explicit_cost_loss(phi, violated, batch_size, 1.0),
+            ),
         }
         for name, (shaped, kl_term) in definitions.items():
             advantages = cmdp.group_advantages(shaped, args.group_size, False)
             pg_loss, _ = cmdp.policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, num_tokens)
             out = common.gradient_diagnostics({"pg": pg_loss, "kl": kl_term}, params)
-            print(f"| seed {seed} | {name} | {violated.float().mean():.2f} | {out['losses/pg_grad_norm']:.4f} | {out['losses/kl_grad_norm']:.4f} | "
-                  f"{out['losses/cos_total_pg']:.3f} | {out['losses/cos_total_kl']:.3f} |", flush=True)
+            print(
+                f"| seed {seed} | {name} | {violated.float().mean():.2f} | {out['losses/pg_grad_norm']:.4f} | {out['losses/kl_grad_norm']:.4f} | "
+                f"{out['losses/cos_total_pg']:.3f} | {out['losses/cos_total_kl']:.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

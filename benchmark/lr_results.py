@@ -22,9 +22,15 @@ def summarise(run: Path) -> dict | None:
     train = [r for r in records if "train/reward" in r]
     if len(train) < args["num_steps"]:
         return None  # unfinished
-    return dict(seed=args["seed"], acc0=evals[0]["eval/accuracy"], acc=evals[-1]["eval/accuracy"],
-                reward0=np.mean([r["train/reward"] for r in train[:10]]), reward=np.mean([r["train/reward"] for r in train[-10:]]),
-                kl=evals[-1]["eval/mean_kl"], csr=evals[-1]["eval/csr"])
+    return dict(
+        seed=args["seed"],
+        acc0=evals[0]["eval/accuracy"],
+        acc=evals[-1]["eval/accuracy"],
+        reward0=np.mean([r["train/reward"] for r in train[:10]]),
+        reward=np.mean([r["train/reward"] for r in train[-10:]]),
+        kl=evals[-1]["eval/mean_kl"],
+        csr=evals[-1]["eval/csr"],
+    )
 
 
 def fmt(values: list[float]) -> str:
@@ -39,13 +45,19 @@ def main(sweep: Path) -> None:
         if (summary := summarise(config.parent)) is not None:
             cells[method, float(lr)].append(summary)
     order = ["cmdp", "grpo", "fixed1", "dual", "kd"]
-    print("| method | learning rate | seeds | greedy accuracy, step 0 | greedy accuracy, last step | change | sampled reward, first 10 steps | sampled reward, last 10 steps | mean KL, last step | CSR at 0.05, last step |")
+    print(
+        "| method | learning rate | seeds | greedy accuracy, step 0 | greedy accuracy, last step | change | sampled reward, first 10 steps | sampled reward, last 10 steps | mean KL, last step | CSR at 0.05, last step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for (method, lr), runs in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 99, kv[0][1])):
+    for (method, lr), runs in sorted(
+        cells.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 99, kv[0][1])
+    ):
         get = lambda key: [r[key] for r in runs]  # noqa: E731
         change = [r["acc"] - r["acc0"] for r in runs]
-        print(f"| {method} | {lr:g} | {len(runs)} | {fmt(get('acc0'))} | {fmt(get('acc'))} | {np.mean(change):+.3f} (min {min(change):+.3f}) | "
-              f"{fmt(get('reward0'))} | {fmt(get('reward'))} | {fmt(get('kl'))} | {fmt(get('csr'))} |")
+        print(
+            f"| {method} | {lr:g} | {len(runs)} | {fmt(get('acc0'))} | {fmt(get('acc'))} | {np.mean(change):+.3f} (min {min(change):+.3f}) | "
+            f"{fmt(get('reward0'))} | {fmt(get('reward'))} | {fmt(get('kl'))} | {fmt(get('csr'))} |"
+        )
 
 
 if __name__ == "__main__":

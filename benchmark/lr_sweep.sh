@@ -22,9 +22,9 @@ for seed in $SEEDS; do
   for lr in $LRS; do
     A="--seed $seed --learning-rate $lr $COMMON"
     echo "python cmdp_distill.py $A --budget 0.05 --exp-name cmdp_lr$lr"
-    echo "python lagrangian_distill.py $A --lambda-init 0 --lambda-lr 0 --exp-name grpo_lr$lr"
-    echo "python lagrangian_distill.py $A --lambda-init 1 --lambda-lr 0 --exp-name fixed1_lr$lr"
+    echo "python lagrangian_distill.py $A --method grpo --exp-name grpo_lr$lr"
+    echo "python lagrangian_distill.py $A --method fixed --lambda-init 1 --exp-name fixed1_lr$lr"
     echo "python lagrangian_distill.py $A --budget 0.05 --exp-name dual_lr$lr"
-    echo "python lagrangian_distill.py $A --kd-only --lambda-init 1 --lambda-lr 0 --exp-name kd_lr$lr"
+    echo "python lagrangian_distill.py $A --method kd --exp-name kd_lr$lr"
   done
 done | OUT="$OUT" xargs -P "$JOBS" -I{} sh -c 'mkdir -p "$OUT/logs"; log="$OUT/logs/$(echo "{}" | md5sum | cut -c1-12).log"; {} > "$log" 2>&1 || echo "failed ($log): {}"'

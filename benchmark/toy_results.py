@@ -34,8 +34,26 @@ def evaluate(model, out: Path, temperature: float) -> tuple[dict, np.ndarray]:
     """eval_math.py's summary and per-response costs for `model` (a path, or a function giving one), cached in `out`."""
     if not (out / "summary.json").exists():
         model = model() if callable(model) else model
-        subprocess.run([sys.executable, str(ROOT / "eval_math.py"), "--model", str(model), "--teacher", "toy", "--max-new-tokens", "64",
-                        "--temperature", str(temperature), "--batch-size", "250", "--output-dir", str(out)], check=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "eval_math.py"),
+                "--model",
+                str(model),
+                "--teacher",
+                "toy",
+                "--max-new-tokens",
+                "64",
+                "--temperature",
+                str(temperature),
+                "--batch-size",
+                "250",
+                "--output-dir",
+                str(out),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
     costs = np.array([json.loads(line)["cost"] for line in (out / "results.jsonl").read_text().splitlines()])
     return json.loads((out / "summary.json").read_text()), costs
 
@@ -44,7 +62,9 @@ def correct_and_sells(out: Path) -> tuple[np.ndarray, np.ndarray]:
     """Per problem of the evaluation in `out` (results.jsonl order): answered correctly; has a "sells" step (the toy
     task's shared blind spot, where reward and teacher disagree)."""
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    return np.array([r["correct"] for r in records], dtype=bool), np.array([" sells " in r["question"] for r in records])
+    return np.array([r["correct"] for r in records], dtype=bool), np.array(
+        [" sells " in r["question"] for r in records]
+    )
 
 
 def sort_key(name: str) -> tuple:
@@ -58,7 +78,9 @@ def cell(values, bold=False) -> str:
 
 
 def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
-    runs = defaultdict(list)  # exp_name -> [dict(seed, args, greedy, sampled, metrics)], greedy/sampled = (summary, costs)
+    runs = defaultdict(
+        list
+    )  # exp_name -> [dict(seed, args, greedy, sampled, metrics)], greedy/sampled = (summary, costs)
     for run in sorted(p for p in sweep.iterdir() if (p / "config.json").exists()):
         args = json.loads((run / "config.json").read_text())["args"]
         checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -67,50 +89,97 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
             continue
         evals = {d: evaluate(checkpoints[-1], run / f"eval_{d}", t) for d, t in DECODINGS.items()}
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        runs[args["exp_name"]].append(dict(seed=args["seed"], args=args, metrics=metrics, correct=correct_and_sells(run / "eval_greedy")[0], **evals))
+        runs[args["exp_name"]].append(
+            dict(
+                seed=args["seed"],
+                args=args,
+                metrics=metrics,
+                correct=correct_and_sells(run / "eval_greedy")[0],
+                **evals,
+            )
+        )
     if not runs:
         sys.exit(f"no finished runs in {sweep}: run benchmark/toy_sweep.sh first")
     # the budget each method was trained for (None for the budget-free baselines)
-    own_budget = {name: rs[0]["args"]["budget"] if name.startswith(("cmdp", "dual")) else None for name, rs in runs.items()}
+    own_budget = {
+        name: rs[0]["args"]["budget"] if name.startswith(("cmdp", "dual")) else None for name, rs in runs.items()
+    }
     budgets = sorted({b for b in own_budget.values() if b is not None}) or [DEFAULT_BUDGET]
-    reference = {name: {d: evaluate(lambda name=name: toy_math.resolve("toy", name), sweep / f"eval_{name}_{d}", t) for d, t in DECODINGS.items()}
-                 for name in ("teacher", "student")}
+    reference = {
+        name: {
+            d: evaluate(lambda name=name: toy_math.resolve("toy", name), sweep / f"eval_{name}_{d}", t)
+            for d, t in DECODINGS.items()
+        }
+        for name in ("teacher", "student")
+    }
     g_correct = {name: correct_and_sells(sweep / f"eval_{name}_greedy")[0] for name in reference}
     sells = correct_and_sells(sweep / "eval_student_greedy")[1]
     names = sorted(runs, key=sort_key)
 
     def train_minutes(r):  # sampling + teacher scoring + update, without the periodic evals
-        return sum(m["perf/generate_s"] + m["perf/score_s"] + m["perf/update_s"] for m in r["metrics"] if "perf/generate_s" in m) / 60
+        return (
+            sum(
+                m["perf/generate_s"] + m["perf/score_s"] + m["perf/update_s"]
+                for m in r["metrics"]
+                if "perf/generate_s" in m
+            )
+            / 60
+        )
 
     lines = []
     for b in budgets:
-        lines += [f"### Budget {b} (CSR: fraction of responses with cost <= {b})", "",
-                  "| method | seeds | greedy accuracy | sampled accuracy | greedy CSR | sampled CSR | greedy: correct and within budget | mean KL (greedy) | steps | train min/run |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### Budget {b} (CSR: fraction of responses with cost <= {b})",
+            "",
+            "| method | seeds | greedy accuracy | sampled accuracy | greedy CSR | sampled CSR | greedy: correct and within budget | mean KL (greedy) | steps | train min/run |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, ev in reference.items():
             (g, gc), (s, sc) = ev["greedy"], ev["sampled"]
-            lines.append(f"| {name} (reference) | - | {g['accuracy']:.3f} | {s['accuracy']:.3f} | {np.mean(gc <= b):.3f} | {np.mean(sc <= b):.3f} | "
-                         f"{np.mean((gc <= b) & g_correct[name]):.3f} | {g['mean_kl']:.3f} | - | - |")
+            lines.append(
+                f"| {name} (reference) | - | {g['accuracy']:.3f} | {s['accuracy']:.3f} | {np.mean(gc <= b):.3f} | {np.mean(sc <= b):.3f} | "
+                f"{np.mean((gc <= b) & g_correct[name]):.3f} | {g['mean_kl']:.3f} | - | - |"
+            )
         for name in names:
             if own_budget[name] not in (None, b):
                 continue
             rs = runs[name]
             own = own_budget[name] == b
-            lines.append(f"| {name} | {len(rs)} | {cell([r['greedy'][0]['accuracy'] for r in rs])} | {cell([r['sampled'][0]['accuracy'] for r in rs])} | "
-                         f"{cell([np.mean(r['greedy'][1] <= b) for r in rs], bold=own)} | {cell([np.mean(r['sampled'][1] <= b) for r in rs], bold=own)} | "
-                         f"{cell([np.mean((r['greedy'][1] <= b) & r['correct']) for r in rs])} | {cell([r['greedy'][0]['mean_kl'] for r in rs])} | {rs[0]['args']['num_steps']} | {np.mean([train_minutes(r) for r in rs]):.1f} |")
+            lines.append(
+                f"| {name} | {len(rs)} | {cell([r['greedy'][0]['accuracy'] for r in rs])} | {cell([r['sampled'][0]['accuracy'] for r in rs])} | "
+                f"{cell([np.mean(r['greedy'][1] <= b) for r in rs], bold=own)} | {cell([np.mean(r['sampled'][1] <= b) for r in rs], bold=own)} | "
+                f"{cell([np.mean((r['greedy'][1] <= b) & r['correct']) for r in rs])} | {cell([r['greedy'][0]['mean_kl'] for r in rs])} | {rs[0]['args']['num_steps']} | {np.mean([train_minutes(r) for r in rs]):.1f} |"
+            )
         lines.append("")
     # where reward and teacher disagree: the problems with a "sells" step (greedy responses, each run's own budget)
-    lines += [f"### Greedy responses on the {sells.sum()} problems with a \"sells\" step and on the {(~sells).sum()} others "
-              f"(CSR at the run's own budget; budget-free runs at {DEFAULT_BUDGET})", "",
-              "| method | accuracy, sells | accuracy, others | CSR, sells | CSR, others | median cost, sells | median cost, others |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        f'### Greedy responses on the {sells.sum()} problems with a "sells" step and on the {(~sells).sum()} others '
+        f"(CSR at the run's own budget; budget-free runs at {DEFAULT_BUDGET})",
+        "",
+        "| method | accuracy, sells | accuracy, others | CSR, sells | CSR, others | median cost, sells | median cost, others |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in ["student", *names]:
-        evals = [(g_correct[name], reference[name]["greedy"][1])] if name == "student" else [(r["correct"], r["greedy"][1]) for r in runs[name]]
+        evals = (
+            [(g_correct[name], reference[name]["greedy"][1])]
+            if name == "student"
+            else [(r["correct"], r["greedy"][1]) for r in runs[name]]
+        )
         b = own_budget.get(name) or DEFAULT_BUDGET
-        cols = [[f(c, k) for c, k in evals] for f in (lambda c, k: c[sells].mean(), lambda c, k: c[~sells].mean(), lambda c, k: np.mean(k[sells] <= b),
-                                                     lambda c, k: np.mean(k[~sells] <= b), lambda c, k: np.median(k[sells]), lambda c, k: np.median(k[~sells]))]
-        lines.append(f"| {name if name != 'student' else 'student (reference)'} | " + " | ".join(cell(v) for v in cols) + " |")
+        cols = [
+            [f(c, k) for c, k in evals]
+            for f in (
+                lambda c, k: c[sells].mean(),
+                lambda c, k: c[~sells].mean(),
+                lambda c, k: np.mean(k[sells] <= b),
+                lambda c, k: np.mean(k[~sells] <= b),
+                lambda c, k: np.median(k[sells]),
+                lambda c, k: np.median(k[~sells]),
+            )
+        ]
+        lines.append(
+            f"| {name if name != 'student' else 'student (reference)'} | " + " | ".join(cell(v) for v in cols) + " |"
+        )
     lines.append("")
     table = "\n".join(lines)
     print(table)
@@ -141,10 +210,26 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
                 xs = [np.mean(r[decoding][1] <= b) for r in runs[name]]
                 ys = [r[decoding][0]["accuracy"] for r in runs[name]]
                 ax.scatter(xs, ys, s=12, alpha=0.3, **style(name))
-                ax.errorbar(np.mean(xs), np.mean(ys), xerr=np.std(xs), yerr=np.std(ys), ms=8, capsize=2, label=name, **style(name))
+                ax.errorbar(
+                    np.mean(xs),
+                    np.mean(ys),
+                    xerr=np.std(xs),
+                    yerr=np.std(ys),
+                    ms=8,
+                    capsize=2,
+                    label=name,
+                    **style(name),
+                )
             for name, ev in reference.items():
                 summary, costs = ev[decoding]
-                ax.scatter([np.mean(costs <= b)], [summary["accuracy"]], marker="*", s=160, color="black" if name == "teacher" else "gray", label=name)
+                ax.scatter(
+                    [np.mean(costs <= b)],
+                    [summary["accuracy"]],
+                    marker="*",
+                    s=160,
+                    color="black" if name == "teacher" else "gray",
+                    label=name,
+                )
             ax.set_title(f"budget {b}, {decoding} responses")
             ax.set_xlabel(f"CSR (fraction of responses with cost <= {b})")
             ax.set_ylabel(f"{decoding} accuracy, 500 toy test problems")
@@ -154,21 +239,43 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
     fig.savefig(docs / "accuracy_vs_csr.png", dpi=100)
 
     # training curves at the default budget: 10-step moving average (lambda unsmoothed), mean ± std over seeds
-    panels = [("train/csr", f"CSR of sampled responses (budget {DEFAULT_BUDGET})"), ("train/mean_kl", "mean per-token KL of sampled responses"),
-              ("train/reward", "sampled reward (accuracy at T = 1)"), ("dual/lambda", "lambda (Lagrangian runs)")]
+    panels = [
+        ("train/csr", f"CSR of sampled responses (budget {DEFAULT_BUDGET})"),
+        ("train/mean_kl", "mean per-token KL of sampled responses"),
+        ("train/reward", "sampled reward (accuracy at T = 1)"),
+        ("dual/lambda", "lambda (Lagrangian runs)"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2))
     for ax, (key, label) in zip(axes, panels):
         for name in names:
             if own_budget[name] not in (None, DEFAULT_BUDGET) or not any(key in m for m in runs[name][0]["metrics"]):
                 continue
-            curves = [[(m["step"], m[key]) for m in r["metrics"] if key in m and "train/reward" in m] for r in runs[name]]
+            curves = [
+                [(m["step"], m[key]) for m in r["metrics"] if key in m and "train/reward" in m] for r in runs[name]
+            ]
             length = min(len(c) for c in curves)
             window = min(10, length) if key.startswith("train/") else 1
             steps = np.array([s for s, _ in curves[0][:length]])[window - 1 :]
-            curves = np.array([np.convolve([v for _, v in c[:length]], np.ones(window) / window, mode="valid") for c in curves])
-            ax.plot(steps, curves.mean(0), color=style(name)["color"], linestyle="-" if name.startswith("cmdp") else "--" if own_budget[name] else ":",
-                    marker=style(name)["marker"] if own_budget[name] is None else None, markevery=25, ms=4, label=name)
-            ax.fill_between(steps, curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0), color=style(name)["color"], alpha=0.12)
+            curves = np.array(
+                [np.convolve([v for _, v in c[:length]], np.ones(window) / window, mode="valid") for c in curves]
+            )
+            ax.plot(
+                steps,
+                curves.mean(0),
+                color=style(name)["color"],
+                linestyle="-" if name.startswith("cmdp") else "--" if own_budget[name] else ":",
+                marker=style(name)["marker"] if own_budget[name] is None else None,
+                markevery=25,
+                ms=4,
+                label=name,
+            )
+            ax.fill_between(
+                steps,
+                curves.mean(0) - curves.std(0),
+                curves.mean(0) + curves.std(0),
+                color=style(name)["color"],
+                alpha=0.12,
+            )
         if key == "train/mean_kl":
             ax.axhline(DEFAULT_BUDGET, color="black", linestyle="--", linewidth=0.8, label=f"budget {DEFAULT_BUDGET}")
         if key == "dual/lambda":
@@ -183,4 +290,7 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/sweep"), Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "docs")
+    main(
+        Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/sweep"),
+        Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "docs",
+    )

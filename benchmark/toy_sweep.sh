@@ -24,7 +24,7 @@ mkdir -p "$OUT/logs"
 
 # 1. the pilot KD run and the budget it gives
 if [ ! -f "$OUT/pilot_budget.txt" ]; then
-  python lagrangian_distill.py --seed 1 --kd-only --lambda-init 1 --lambda-lr 0 $COMMON --exp-name kd > "$OUT/logs/pilot_kd.log" 2>&1
+  python lagrangian_distill.py --seed 1 --method kd $COMMON --exp-name kd > "$OUT/logs/pilot_kd.log" 2>&1
   python eval_math.py --model "$(ls -d "$OUT"/kd__1__*/checkpoint-"$STEPS" | head -1)" --teacher toy --dataset toy --split train \
       --limit 1000 --temperature 1 --max-new-tokens 64 --output-dir "$OUT/pilot_eval" > "$OUT/logs/pilot_eval.log" 2>&1
   python -c "import json; print(round(json.load(open('$OUT/pilot_eval/summary.json'))['cost_p90'], 3))" > "$OUT/pilot_budget.txt"
@@ -40,10 +40,10 @@ for seed in $SEEDS; do
     echo "python lagrangian_distill.py $A --budget $budget --exp-name dual_d$budget"
   done
   for lambda in 0.1 1 10; do
-    echo "python lagrangian_distill.py $A --lambda-init $lambda --lambda-lr 0 --exp-name fixed_l$lambda"
+    echo "python lagrangian_distill.py $A --method fixed --lambda-init $lambda --exp-name fixed_l$lambda"
   done
-  echo "python lagrangian_distill.py $A --lambda-init 0 --lambda-lr 0 --exp-name grpo"
-  if [ "$seed" != 1 ]; then echo "python lagrangian_distill.py $A --kd-only --lambda-init 1 --lambda-lr 0 --exp-name kd"; fi
+  echo "python lagrangian_distill.py $A --method grpo --exp-name grpo"
+  if [ "$seed" != 1 ]; then echo "python lagrangian_distill.py $A --method kd --exp-name kd"; fi
 done | while read -r cmd; do  # a run whose final checkpoint exists is done: re-running the script resumes a sweep
   name=$(echo "$cmd" | sed 's/.*--exp-name //'); seed=$(echo "$cmd" | sed 's/.*--seed \([0-9]*\).*/\1/')
   ls -d "$OUT/${name}__${seed}__"*/checkpoint-"$STEPS" > /dev/null 2>&1 || echo "$cmd"

@@ -16,8 +16,12 @@ def test_modified_reward_is_the_papers():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
     costs = torch.tensor([0.01, 0.02, 0.06, 0.5, 0.05])  # the last sits exactly on the budget: satisfied
     # R~ = R within the budget, -(n + phi(y)) outside it, phi(y) = the response's cost
-    assert torch.allclose(cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=20.0), torch.tensor([1.0, 0.0, -20.06, -20.5, 1.0]))
-    assert torch.allclose(cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=0.0), torch.tensor([1.0, 0.0, -0.06, -0.5, 1.0]))
+    assert torch.allclose(
+        cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=20.0), torch.tensor([1.0, 0.0, -20.06, -20.5, 1.0])
+    )
+    assert torch.allclose(
+        cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=0.0), torch.tensor([1.0, 0.0, -0.06, -0.5, 1.0])
+    )
     assert cmdp.modified_rewards(rewards, costs, budget=1.0, penalty=3.0).tolist() == rewards.tolist()
     # a violator is always worse than any satisfying response, and a larger violation is worse still
     shaped = cmdp.modified_rewards(rewards, costs, 0.05, 20.0)
@@ -26,7 +30,9 @@ def test_modified_reward_is_the_papers():
 
 def test_group_advantages_hand_computed():
     rewards = torch.tensor([1.0, 0.0, -1.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4
-    assert torch.allclose(cmdp.group_advantages(rewards, 4, norm_std=False), torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    assert torch.allclose(
+        cmdp.group_advantages(rewards, 4, norm_std=False), torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    )
     std = torch.tensor([1.0, 0.0, -1.0, 0.0]).std()  # unbiased, as torch.std
     expected = torch.tensor([1.0, 0.0, -1.0, 0.0]) / (std + 1e-6)
     assert torch.allclose(cmdp.group_advantages(rewards, 4, norm_std=True)[:4], expected)
@@ -40,7 +46,9 @@ def test_policy_loss_gradient_matches_naive_reinforce():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
     advantages = torch.tensor([0.5, -1.0, 2.0])
     logprobs = torch.log_softmax(logits, -1).gather(-1, actions[..., None])[..., 0]
-    loss, clipped = cmdp.policy_loss(logprobs, logprobs.detach(), advantages, mask, clip_coef=0.2, num_tokens=int(mask.sum()))
+    loss, clipped = cmdp.policy_loss(
+        logprobs, logprobs.detach(), advantages, mask, clip_coef=0.2, num_tokens=int(mask.sum())
+    )
     (grad,) = torch.autograd.grad(loss, logits)
     naive = 0.0  # -1/N sum_{i,t} A_i log pi(a_it), term by term
     for i in range(3):
@@ -121,28 +129,40 @@ def tiny_run_args(toy, out, *extra):
 def test_help_shows_the_papers_flags(tmp_path):
     proc = run_script("cmdp_distill.py", "--help", cwd=tmp_path)
     assert proc.returncode == 0
-    for flag in ("--budget", "--penalty", "--explicit-coef", "--constraint", "{sum,mean,prefix}", "--warmup-steps",
-                 "--diagnostic-interval", "--track", "--learning-rate"):
+    for flag in (
+        "--budget",
+        "--penalty",
+        "--explicit-coef",
+        "--constraint",
+        "{sum,mean,prefix}",
+        "--warmup-steps",
+        "--diagnostic-interval",
+        "--track",
+        "--learning-rate",
+    ):
         assert flag in proc.stdout, flag
     assert "default: 20.0" in proc.stdout  # n = 20, the paper's penalty
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--budget", "0"], "--budget must be > 0"),
-    (["--budget", "-0.1"], "--budget must be > 0"),
-    (["--budget", "nan"], "--budget must be a finite number, got nan"),
-    (["--budget", "inf"], "--budget must be a finite number, got inf"),
-    (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
-    (["--penalty", "-inf"], "--penalty must be a finite number, got -inf"),
-    (["--learning-rate", "0"], "--learning-rate must be > 0"),
-    (["--penalty", "-1"], "--penalty and --explicit-coef must be >= 0"),
-    (["--group-size", "1"], "--group-size must be >= 2"),
-    (["--prompts-per-step", "3", "--group-size", "4", "--micro-batch-size", "8"], "must divide"),
-    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
-    (["--student", "/no/such/model"], "does not exist"),
-    (["--dataset", "/no/such/file.jsonl"], "neither a known name"),
-    (["--resume", "/no/such/checkpoint"], "not a checkpoint folder"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--budget", "0"], "--budget must be > 0"),
+        (["--budget", "-0.1"], "--budget must be > 0"),
+        (["--budget", "nan"], "--budget must be a finite number, got nan"),
+        (["--budget", "inf"], "--budget must be a finite number, got inf"),
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
+        (["--penalty", "-inf"], "--penalty must be a finite number, got -inf"),
+        (["--learning-rate", "0"], "--learning-rate must be > 0"),
+        (["--penalty", "-1"], "--penalty and --explicit-coef must be >= 0"),
+        (["--group-size", "1"], "--group-size must be >= 2"),
+        (["--prompts-per-step", "3", "--group-size", "4", "--micro-batch-size", "8"], "must divide"),
+        (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+        (["--student", "/no/such/model"], "does not exist"),
+        (["--dataset", "/no/such/file.jsonl"], "neither a known name"),
+        (["--resume", "/no/such/checkpoint"], "not a checkpoint folder"),
+    ],
+)
 def test_bad_input_is_rejected_with_one_sentence(flags, message):
     import tyro
 
@@ -173,28 +193,58 @@ def test_tokenizer_mismatch_is_rejected(tiny_toy, tmp_path):
     a, b = "apples", "books"
     words[a], words[b] = words[b], words[a]  # same strings, swapped ids
     (other / "tokenizer.json").write_text(json.dumps(vocab))
-    assert AutoTokenizer.from_pretrained(other).get_vocab()[a] != AutoTokenizer.from_pretrained(tiny_toy / "student").get_vocab()[a]
+    assert (
+        AutoTokenizer.from_pretrained(other).get_vocab()[a]
+        != AutoTokenizer.from_pretrained(tiny_toy / "student").get_vocab()[a]
+    )
     proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--student", str(other)), cwd=tmp_path)
     assert proc.returncode != 0 and "tokenizers differ" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
 def test_two_steps_end_to_end(tiny_toy, tmp_path):
-    proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--save-interval", "1", "--diagnostic-interval", "1"), cwd=tmp_path)
+    proc = run_script(
+        *tiny_run_args(
+            tiny_toy, tmp_path / "runs", "--num-steps", "2", "--save-interval", "1", "--diagnostic-interval", "1"
+        ),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["args"]["budget"] == 0.0001 and config["args"]["num_steps"] == 2 and "torch" in config
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2]
-    for key in ("train/reward", "train/modified_reward", "train/mean_kl", "train/cost", "train/csr", "train/response_tokens",
-                "losses/policy_loss", "losses/explicit_cost_loss", "losses/grad_norm", "losses/pg_grad_norm", "losses/kl_grad_norm",
-                "losses/cos_total_pg", "losses/cos_total_kl", "perf/tokens_per_s", "perf/generate_s",
-                "perf/score_s", "perf/update_s", "eval/accuracy", "eval/mean_kl", "eval/csr"):
+    for key in (
+        "train/reward",
+        "train/modified_reward",
+        "train/mean_kl",
+        "train/cost",
+        "train/csr",
+        "train/response_tokens",
+        "losses/policy_loss",
+        "losses/explicit_cost_loss",
+        "losses/grad_norm",
+        "losses/pg_grad_norm",
+        "losses/kl_grad_norm",
+        "losses/cos_total_pg",
+        "losses/cos_total_kl",
+        "perf/tokens_per_s",
+        "perf/generate_s",
+        "perf/score_s",
+        "perf/update_s",
+        "eval/accuracy",
+        "eval/mean_kl",
+        "eval/csr",
+    ):
         assert math.isfinite(records[2][key]), key
-    assert records[1]["train/mean_kl"] > 0.0001 and records[1]["train/csr"] == 0  # the tiny student violates the tiny budget ...
+    assert (
+        records[1]["train/mean_kl"] > 0.0001 and records[1]["train/csr"] == 0
+    )  # the tiny student violates the tiny budget ...
     assert records[1]["train/modified_reward"] < -20  # ... so every response gets -(n + phi)
-    assert records[1]["losses/explicit_cost_loss"] == pytest.approx(records[1]["train/cost"], rel=1e-4)  # (II), all violate
+    assert records[1]["losses/explicit_cost_loss"] == pytest.approx(
+        records[1]["train/cost"], rel=1e-4
+    )  # (II), all violate
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 4 and all(s["modified_reward"] == pytest.approx(-(20 + s["cost"])) for s in samples)
     import common
@@ -210,8 +260,21 @@ def test_two_steps_end_to_end(tiny_toy, tmp_path):
 def test_the_enforced_constraint_decides_cost_and_csr(tiny_toy, tmp_path):
     costs = {}
     for constraint in ("sum", "mean", "prefix"):
-        proc = run_script(*tiny_run_args(tiny_toy, tmp_path / constraint, "--num-steps", "1", "--eval-interval", "0",
-                                         "--constraint", constraint, "--budget", "0.05"), cwd=tmp_path)
+        proc = run_script(
+            *tiny_run_args(
+                tiny_toy,
+                tmp_path / constraint,
+                "--num-steps",
+                "1",
+                "--eval-interval",
+                "0",
+                "--constraint",
+                constraint,
+                "--budget",
+                "0.05",
+            ),
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         (run_dir,) = (tmp_path / constraint).iterdir()
         record = read_metrics(run_dir)[1]
@@ -219,7 +282,9 @@ def test_the_enforced_constraint_decides_cost_and_csr(tiny_toy, tmp_path):
         costs[constraint] = record["train/cost"]
         for s in samples:  # each response's reward follows the enforced cost
             assert s["modified_reward"] == pytest.approx(-(20 + s["cost"]) if s["cost"] > 0.05 else s["reward"])
-    assert costs["mean"] == pytest.approx(read_metrics(next((tmp_path / "mean").iterdir()))[1]["train/mean_kl"], rel=1e-5)
+    assert costs["mean"] == pytest.approx(
+        read_metrics(next((tmp_path / "mean").iterdir()))[1]["train/mean_kl"], rel=1e-5
+    )
     assert costs["sum"] > 5 * costs["mean"]  # responses of ~12 tokens: the total is ~12x the mean
     assert costs["prefix"] >= costs["mean"] - 1e-6  # the worst prefix mean is at least the full mean
 
@@ -228,13 +293,28 @@ def test_the_enforced_constraint_decides_cost_and_csr(tiny_toy, tmp_path):
 def test_resume_continues_exactly(tiny_toy, tmp_path):
     import safetensors.torch
 
-    straight = run_script(*tiny_run_args(tiny_toy, tmp_path / "a", "--num-steps", "4", "--eval-interval", "0"), cwd=tmp_path)
+    straight = run_script(
+        *tiny_run_args(tiny_toy, tmp_path / "a", "--num-steps", "4", "--eval-interval", "0"), cwd=tmp_path
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run_script(*tiny_run_args(tiny_toy, tmp_path / "b", "--num-steps", "2", "--eval-interval", "0"), cwd=tmp_path)
+    first = run_script(
+        *tiny_run_args(tiny_toy, tmp_path / "b", "--num-steps", "2", "--eval-interval", "0"), cwd=tmp_path
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     (run_b,) = (tmp_path / "b").iterdir()
-    resumed = run_script(*tiny_run_args(tiny_toy, tmp_path / "b", "--num-steps", "4", "--eval-interval", "0",
-                                        "--resume", str(run_b / "checkpoint-2")), cwd=tmp_path)
+    resumed = run_script(
+        *tiny_run_args(
+            tiny_toy,
+            tmp_path / "b",
+            "--num-steps",
+            "4",
+            "--eval-interval",
+            "0",
+            "--resume",
+            str(run_b / "checkpoint-2"),
+        ),
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (run_a,) = (tmp_path / "a").iterdir()
     a = safetensors.torch.load_file(run_a / "checkpoint-4" / "model.safetensors")
@@ -249,16 +329,41 @@ def test_resume_continues_exactly(tiny_toy, tmp_path):
 def test_resume_refuses_a_changed_batch_and_takes_the_requested_learning_rate(tiny_toy, tmp_path):
     import common
 
-    first = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "1", "--eval-interval", "0"), cwd=tmp_path)
+    first = run_script(
+        *tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "1", "--eval-interval", "0"), cwd=tmp_path
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     checkpoint = str(run_dir / "checkpoint-1")
-    for flags, name in ((["--seed", "2"], "--seed"), (["--group-size", "2", "--micro-batch-size", "4"], "--group-size"),
-                        (["--prompts-per-step", "4"], "--prompts-per-step")):
-        proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--resume", checkpoint, *flags), cwd=tmp_path)
-        assert proc.returncode != 0 and f"the checkpoint was trained with {name}" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--eval-interval", "0", "--resume", checkpoint,
-                                     "--learning-rate", "0.005"), cwd=tmp_path)
+    for flags, name in (
+        (["--seed", "2"], "--seed"),
+        (["--group-size", "2", "--micro-batch-size", "4"], "--group-size"),
+        (["--prompts-per-step", "4"], "--prompts-per-step"),
+    ):
+        proc = run_script(
+            *tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--resume", checkpoint, *flags),
+            cwd=tmp_path,
+        )
+        assert (
+            proc.returncode != 0
+            and f"the checkpoint was trained with {name}" in proc.stderr
+            and "Traceback" not in proc.stderr
+        )
+    proc = run_script(
+        *tiny_run_args(
+            tiny_toy,
+            tmp_path / "runs",
+            "--num-steps",
+            "2",
+            "--eval-interval",
+            "0",
+            "--resume",
+            checkpoint,
+            "--learning-rate",
+            "0.005",
+        ),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resume: learning rate 0.005 (the checkpoint ran at 0.01)" in proc.stdout
     state = common.load_trainer_state(run_dir / "checkpoint-2")
@@ -267,8 +372,21 @@ def test_resume_refuses_a_changed_batch_and_takes_the_requested_learning_rate(ti
 
 @pytest.mark.slow
 def test_offpolicy_kd_warmup_runs_before_rl(tiny_toy, tmp_path):
-    proc = run_script(*tiny_run_args(tiny_toy, tmp_path / "runs", "--num-steps", "1", "--eval-interval", "0", "--warmup-steps", "3",
-                                     "--warmup-learning-rate", "0.01"), cwd=tmp_path)
+    proc = run_script(
+        *tiny_run_args(
+            tiny_toy,
+            tmp_path / "runs",
+            "--num-steps",
+            "1",
+            "--eval-interval",
+            "0",
+            "--warmup-steps",
+            "3",
+            "--warmup-learning-rate",
+            "0.01",
+        ),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     records = read_metrics(run_dir)
@@ -286,8 +404,20 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_path):
     weights = {}
     for flag in ("", "--gradient-checkpointing"):
         out = tmp_path / (flag or "plain")
-        proc = run_script(*tiny_run_args(tiny_toy, out, "--num-steps", "1", "--eval-interval", "0", "--learning-rate", "1e-3",
-                                         *([flag] if flag else [])), cwd=tmp_path)
+        proc = run_script(
+            *tiny_run_args(
+                tiny_toy,
+                out,
+                "--num-steps",
+                "1",
+                "--eval-interval",
+                "0",
+                "--learning-rate",
+                "1e-3",
+                *([flag] if flag else []),
+            ),
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         (run_dir,) = out.iterdir()
         weights[flag] = safetensors.torch.load_file(run_dir / "checkpoint-1" / "model.safetensors")
@@ -311,12 +441,42 @@ def test_a_short_run_learns_to_meet_the_budget(tiny_toy, tmp_path):
         model.save_pretrained(tmp_path / name)
         common.load_tokenizer(str(tiny_toy / name)).save_pretrained(tmp_path / name)
     (tmp_path / "one.jsonl").write_text((tiny_toy / "train.jsonl").read_text().splitlines()[0] + "\n")
-    proc = run_script("cmdp_distill.py", "--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
-                      "--dataset", str(tmp_path / "one.jsonl"), "--eval-dataset", str(tiny_toy / "test.jsonl"),
-                      "--prompts-per-step", "2", "--group-size", "8", "--micro-batch-size", "16", "--max-new-tokens", "12",
-                      "--eval-limit", "4", "--output-dir", str(tmp_path / "runs"), "--budget", "0.25",
-                      "--learning-rate", "1e-4", "--num-steps", "14", "--eval-interval", "0", "--save-interval", "0",
-                      "--diagnostic-interval", "0", cwd=tmp_path)
+    proc = run_script(
+        "cmdp_distill.py",
+        "--student",
+        str(tmp_path / "student"),
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--dataset",
+        str(tmp_path / "one.jsonl"),
+        "--eval-dataset",
+        str(tiny_toy / "test.jsonl"),
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "8",
+        "--micro-batch-size",
+        "16",
+        "--max-new-tokens",
+        "12",
+        "--eval-limit",
+        "4",
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--budget",
+        "0.25",
+        "--learning-rate",
+        "1e-4",
+        "--num-steps",
+        "14",
+        "--eval-interval",
+        "0",
+        "--save-interval",
+        "0",
+        "--diagnostic-interval",
+        "0",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     steps = [r for r in read_metrics(run_dir) if "train/csr" in r]

@@ -18,19 +18,33 @@ def test_load_problems_normalises_gsm8k_math_and_svamp_rows(tmp_path):
     gsm.write_text(json.dumps({"question": "Q1?", "answer": "3 + 4 = <<3+4=7>>7\n#### 1,007"}) + "\n\n")
     assert common.load_problems(str(gsm)) == [{"question": "Q1?", "answer": "1007"}]
     math_file = tmp_path / "math.jsonl"
-    math_file.write_text(json.dumps({"problem": "P?", "solution": "... \\boxed{\\frac12}", "answer": "\\frac{1}{2}"}) + "\n")
+    math_file.write_text(
+        json.dumps({"problem": "P?", "solution": "... \\boxed{\\frac12}", "answer": "\\frac{1}{2}"}) + "\n"
+    )
     assert common.load_problems(str(math_file)) == [{"question": "P?", "answer": "\\frac{1}{2}"}]
     svamp = tmp_path / "svamp.json"
-    svamp.write_text(json.dumps([{"Body": "Dan has 5 apples.", "Question": "How many?", "Answer": 5.0},
-                                 {"Body": "A ", "Question": "B", "Answer": 2.5}]))
-    assert common.load_problems(str(svamp)) == [{"question": "Dan has 5 apples. How many?", "answer": "5"}, {"question": "A B", "answer": "2.5"}]
+    svamp.write_text(
+        json.dumps(
+            [
+                {"Body": "Dan has 5 apples.", "Question": "How many?", "Answer": 5.0},
+                {"Body": "A ", "Question": "B", "Answer": 2.5},
+            ]
+        )
+    )
+    assert common.load_problems(str(svamp)) == [
+        {"question": "Dan has 5 apples. How many?", "answer": "5"},
+        {"question": "A B", "answer": "2.5"},
+    ]
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"question": "a", "answer": "1"}\n{"question": "b", "answer": \n', "line 2 is not valid JSON"),
-    ('{"question": "a", "answer": "1"}\n{"prompt": "b"}\n', "line 2 is not a problem"),
-    ("\n", "holds no problems"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"question": "a", "answer": "1"}\n{"question": "b", "answer": \n', "line 2 is not valid JSON"),
+        ('{"question": "a", "answer": "1"}\n{"prompt": "b"}\n', "line 2 is not a problem"),
+        ("\n", "holds no problems"),
+    ],
+)
 def test_malformed_dataset_files_name_the_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
@@ -52,7 +66,9 @@ def test_unknown_dataset_and_model_paths_fail_early(tmp_path):
     common.check_model_path(str(tmp_path), "--model")
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data (GSM8K, MATH-500, SVAMP copies) is not beside this checkout")
+@pytest.mark.skipif(
+    not SHARED_DATA.exists(), reason="../shared/data (GSM8K, MATH-500, SVAMP copies) is not beside this checkout"
+)
 def test_real_data_files_load():
     assert len(common.load_problems(str(SHARED_DATA / "gsm8k_test.jsonl"))) == 1319
     assert len(common.load_problems(str(SHARED_DATA / "gsm8k_train.jsonl"))) == 7473
@@ -90,9 +106,13 @@ def test_padding_and_batching_do_not_change_kl_or_logprobs(tiny_toy):
         assert rows.sum() == n == single["response_mask"].sum()
         torch.testing.assert_close(kl[i][rows], kl1[0][single["response_mask"][0].bool()], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(logprobs[i][rows], lp1[0][single["response_mask"][0].bool()], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(teacher_logprobs[i][rows], tlp1[0][single["response_mask"][0].bool()], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            teacher_logprobs[i][rows], tlp1[0][single["response_mask"][0].bool()], atol=1e-5, rtol=1e-4
+        )
     # the sampled-token log-probs equal a plain forward pass with full logits
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    logits = student(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).logits
     naive = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
     mask = batch["response_mask"].bool()
     torch.testing.assert_close(logprobs[mask].double(), naive[mask], atol=1e-5, rtol=1e-5)
@@ -101,7 +121,9 @@ def test_padding_and_batching_do_not_change_kl_or_logprobs(tiny_toy):
 def test_generation_is_greedy_at_temperature_zero_and_stops_at_eos(tiny_toy):
     tokenizer = common.load_tokenizer(str(tiny_toy / "teacher"))
     model = common.load_model(str(tiny_toy / "teacher"), CPU, torch.float32)
-    prompts = [common.render_prompt(tokenizer, p["question"]) for p in common.load_problems(str(tiny_toy / "test.jsonl"))[:4]]
+    prompts = [
+        common.render_prompt(tokenizer, p["question"]) for p in common.load_problems(str(tiny_toy / "test.jsonl"))[:4]
+    ]
     a = common.generate(model, tokenizer, prompts, 8, 0.0, batch_size=4)
     b = common.generate(model, tokenizer, prompts, 8, 0.0, batch_size=1)
     assert a == b
@@ -121,17 +143,30 @@ def test_group_copies_share_one_prefill_and_sample_what_plain_generate_samples(t
     questions = [p["question"] for p in common.load_problems(str(tiny_toy / "test.jsonl"))[:3]]
     prompts = [common.render_prompt(tokenizer, q) for q in questions for _ in range(4)]  # 3 groups of 4, as in training
     prefill_rows = []
-    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, kw: prefill_rows.append(kw["input_ids"].shape), with_kwargs=True)
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: prefill_rows.append(kw["input_ids"].shape), with_kwargs=True
+    )
     for temperature in (1.0, 0.0):
         prefill_rows.clear()
         torch.manual_seed(3)
         shared = common.generate(model, tokenizer, prompts, 12, temperature, batch_size=12)
-        assert prefill_rows[0][0] == 3 and all(rows == 12 and length == 1 for rows, length in prefill_rows[1:])  # then one token per step
+        assert prefill_rows[0][0] == 3 and all(
+            rows == 12 and length == 1 for rows, length in prefill_rows[1:]
+        )  # then one token per step
         # reference: transformers' generate on the 12 rows as given (each copy prefilled on its own), same seed
         enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        config = GenerationConfig(max_new_tokens=12, repetition_penalty=1.0, eos_token_id=common.eos_token_ids(model, tokenizer),
-                                  pad_token_id=tokenizer.pad_token_id, **sampling)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            if temperature > 0
+            else dict(do_sample=False)
+        )
+        config = GenerationConfig(
+            max_new_tokens=12,
+            repetition_penalty=1.0,
+            eos_token_id=common.eos_token_ids(model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
         torch.manual_seed(3)
         out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1] :].tolist()
         for (prompt_ids, response), row, ids, mask in zip(shared, out, enc["input_ids"], enc["attention_mask"]):
@@ -150,21 +185,31 @@ def test_shared_prompt_forward_equals_one_plain_pass_in_values_and_gradients(tin
     batch = common.pad_sequences(common.generate(model, tokenizer, prompts, 12, 1.0, 12), tokenizer.pad_token_id, CPU)
     assert len({len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts}) > 1  # real left padding
     rows = []
-    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
     shared = common.final_hidden(model, batch)
     assert rows == [3, 12]  # the prompts once, then the 12 responses on their prompt's cache
     hook.remove()
-    plain = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                                use_cache=False).last_hidden_state[:, :-1][batch["response_mask"].bool()]
+    plain = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state[:, :-1][batch["response_mask"].bool()]
     assert shared.shape == plain.shape == (int(batch["response_mask"].sum()), model.config.hidden_size)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
     weights = torch.randn_like(plain)
     grads = [torch.autograd.grad((h * weights).sum(), list(model.get_decoder().parameters())) for h in (shared, plain)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    distinct = common.pad_sequences(common.generate(model, tokenizer, prompts[::4], 12, 1.0, 3), tokenizer.pad_token_id, CPU)
+    distinct = common.pad_sequences(
+        common.generate(model, tokenizer, prompts[::4], 12, 1.0, 3), tokenizer.pad_token_id, CPU
+    )
     rows.clear()
-    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
     common.final_hidden(model, distinct)
     assert rows == [3]  # nothing to share: one plain pass
     model.activation_checkpointing_enable()
@@ -225,7 +270,9 @@ def test_scoring_builds_no_kv_cache_and_generation_does(tiny_toy):
 
     decoder.forward = spy
     problems = common.load_problems(str(tiny_toy / "test.jsonl"))[:2]
-    pairs = common.generate(model, tokenizer, [common.render_prompt(tokenizer, p["question"]) for p in problems], 4, 1.0, 2)
+    pairs = common.generate(
+        model, tokenizer, [common.render_prompt(tokenizer, p["question"]) for p in problems], 4, 1.0, 2
+    )
     assert any(cache is not None for _, cache in seen)  # decoding does use one
     seen.clear()
     batch = common.pad_sequences(pairs, tokenizer.pad_token_id, CPU)
@@ -241,8 +288,12 @@ def test_generation_never_samples_padding_rows_of_a_wider_matrix(tiny_toy):
     real = len(tokenizer)
     model.resize_token_embeddings(real + 40)
     with torch.no_grad():  # make the padding rows overwhelmingly likely if they were allowed
-        model.get_output_embeddings().weight[real:] = 50 * model.get_decoder().norm.weight / model.get_decoder().norm.weight.norm()
-    prompts = [common.render_prompt(tokenizer, p["question"]) for p in common.load_problems(str(tiny_toy / "test.jsonl"))[:4]]
+        model.get_output_embeddings().weight[real:] = (
+            50 * model.get_decoder().norm.weight / model.get_decoder().norm.weight.norm()
+        )
+    prompts = [
+        common.render_prompt(tokenizer, p["question"]) for p in common.load_problems(str(tiny_toy / "test.jsonl"))[:4]
+    ]
     torch.manual_seed(0)
     pairs = common.generate(model, tokenizer, prompts, 6, 1.0, batch_size=4)
     assert all(t < real for _, response in pairs for t in response)
@@ -278,8 +329,16 @@ def test_gradient_diagnostics_norms_and_cosines():
 def test_disable_dropout_and_derived_seeds(tiny_toy):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, attention_dropout=0.5))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=20,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            attention_dropout=0.5,
+        )
+    )
     common.disable_dropout(model)
     model.train()
     x = torch.randint(0, 20, (2, 7))
@@ -298,15 +357,23 @@ def test_metrics_go_to_jsonl_and_tensorboard_under_the_same_keys(tmp_path):
         track: bool = False
 
     writer = common.make_writer(tmp_path, Args())
-    for record in ({"warmup/step": 1, "warmup/loss": 2.0}, {"step": 0, "eval/accuracy": 0.5},
-                   {"step": 1, "train/reward": 0.25, "losses/explicit_cost_loss": 0.125}):
+    for record in (
+        {"warmup/step": 1, "warmup/loss": 2.0},
+        {"step": 0, "eval/accuracy": 0.5},
+        {"step": 1, "train/reward": 0.25, "losses/explicit_cost_loss": 0.125},
+    ):
         common.log_metrics(writer, tmp_path, record)
     common.close_writer(writer)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[2] == {"step": 1, "train/reward": 0.25, "losses/explicit_cost_loss": 0.125}
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"warmup/loss", "eval/accuracy", "train/reward", "losses/explicit_cost_loss"}
+    assert set(events.Tags()["scalars"]) == {
+        "warmup/loss",
+        "eval/accuracy",
+        "train/reward",
+        "losses/explicit_cost_loss",
+    }
     assert [(e.step, e.value) for e in events.Scalars("train/reward")] == [(1, 0.25)]
 
 
@@ -320,8 +387,10 @@ def test_one_sentence_and_finite_flags():
         limit: int | None = None
 
     common.check_finite(Args())
-    for bad, message in ((Args(budget=float("nan")), "--budget must be a finite number, got nan"),
-                         (Args(probs=(0.5, float("inf"))), "--probs must be a finite number, got (0.5, inf)")):
+    for bad, message in (
+        (Args(budget=float("nan")), "--budget must be a finite number, got nan"),
+        (Args(probs=(0.5, float("inf"))), "--probs must be a finite number, got (0.5, inf)"),
+    ):
         with pytest.raises(common.InputError, match=re.escape(message)):
             common.check_finite(bad)
     assert common.one_sentence(common.InputError("--budget must be > 0, got 0")) == "--budget must be > 0, got 0."
@@ -335,10 +404,16 @@ def test_evaluate_scores_each_response_under_the_constraint(tiny_toy):
     student = common.load_model(str(tiny_toy / "student"), CPU, torch.float32)
     teacher = common.load_model(str(tiny_toy / "teacher"), CPU, torch.float32)
     problems = common.load_problems(str(tiny_toy / "test.jsonl"))[:5]
-    out = {c: common.evaluate(student, tokenizer, problems, max_new_tokens=8, batch_size=5, teacher=teacher, budget=0.01, constraint=c)
-           for c in ("sum", "mean")}
+    out = {
+        c: common.evaluate(
+            student, tokenizer, problems, max_new_tokens=8, batch_size=5, teacher=teacher, budget=0.01, constraint=c
+        )
+        for c in ("sum", "mean")
+    }
     for r_sum, r_mean in zip(out["sum"][0], out["mean"][0]):
-        assert r_mean["cost"] == pytest.approx(r_mean["mean_kl"]) and r_sum["cost"] == pytest.approx(r_mean["mean_kl"] * r_mean["response_tokens"], rel=1e-4)
+        assert r_mean["cost"] == pytest.approx(r_mean["mean_kl"]) and r_sum["cost"] == pytest.approx(
+            r_mean["mean_kl"] * r_mean["response_tokens"], rel=1e-4
+        )
     summary = out["sum"][1]
     assert summary["csr"] == np.mean([r["cost"] <= 0.01 for r in out["sum"][0]]) and summary["constraint"] == "sum"
     assert summary["cost_p50"] <= summary["cost_p90"] <= summary["cost_p95"] <= max(r["cost"] for r in out["sum"][0])
@@ -359,14 +434,33 @@ def test_offpolicy_kd_warmup_moves_the_student_towards_the_teachers_samples(tiny
 
     def teacher_sample_logprob():  # mean log-prob of held teacher samples under the student
         with torch.no_grad():
-            lp = common.token_logprobs_from_hidden(common.final_hidden(student, batch), student.get_output_embeddings().weight,
-                                                   batch["input_ids"][:, 1:][batch["response_mask"].bool()], 64, len(tokenizer))
+            lp = common.token_logprobs_from_hidden(
+                common.final_hidden(student, batch),
+                student.get_output_embeddings().weight,
+                batch["input_ids"][:, 1:][batch["response_mask"].bool()],
+                64,
+                len(tokenizer),
+            )
         return lp.mean().item()
 
     before = teacher_sample_logprob()
     records = []
-    common.offpolicy_kd_warmup(student, teacher, tokenizer, problems, steps=5, prompts_per_step=4, group_size=2, micro_batch_size=4,
-                               learning_rate=1e-2, max_new_tokens=12, max_grad_norm=1.0, kl_chunk_size=64, seed=0,
-                               autocast=functools.partial(torch.autocast, "cpu", enabled=False), log=records.append)
+    common.offpolicy_kd_warmup(
+        student,
+        teacher,
+        tokenizer,
+        problems,
+        steps=5,
+        prompts_per_step=4,
+        group_size=2,
+        micro_batch_size=4,
+        learning_rate=1e-2,
+        max_new_tokens=12,
+        max_grad_norm=1.0,
+        kl_chunk_size=64,
+        seed=0,
+        autocast=functools.partial(torch.autocast, "cpu", enabled=False),
+        log=records.append,
+    )
     assert [r["warmup/step"] for r in records] == [1, 2, 3, 4, 5]
     assert teacher_sample_logprob() > before + 0.05

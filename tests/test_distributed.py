@@ -11,15 +11,23 @@ import torch
 from conftest import ROOT, read_metrics, tiny_run_args
 
 SCRIPTS = ("cmdp_distill.py", "lagrangian_distill.py")
-METHOD_KEYS = {"cmdp_distill.py": ("train/modified_reward", "losses/explicit_cost_loss"),
-               "lagrangian_distill.py": ("train/lagrangian", "losses/lagrangian_penalty")}
+METHOD_KEYS = {
+    "cmdp_distill.py": ("train/modified_reward", "losses/explicit_cost_loss"),
+    "lagrangian_distill.py": ("train/lagrangian", "losses/lagrangian_penalty"),
+}
 
 
 def run(argv: list[str], cwd, nproc: int) -> subprocess.CompletedProcess:
     """A script as a user runs it: plain python for one process, torchrun --standalone for several."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float order in both runs (torchrun's default too)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([*launcher, str(ROOT / argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
+    return subprocess.run(
+        [*launcher, str(ROOT / argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 @pytest.mark.slow
@@ -34,8 +42,25 @@ def test_two_ranks_update_like_one_process_on_the_whole_batch(tiny_toy, tmp_path
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"
         # 4 prompts x 4 responses, micro-batches of 4: each rank holds 2 whole groups
-        proc = run(tiny_run_args(script, tiny_toy, out, "--num-steps", "1", "--prompts-per-step", "4", "--group-size", "4",
-                                 "--eval-limit", "4", "--learning-rate", str(lr)), tmp_path, nproc)
+        proc = run(
+            tiny_run_args(
+                script,
+                tiny_toy,
+                out,
+                "--num-steps",
+                "1",
+                "--prompts-per-step",
+                "4",
+                "--group-size",
+                "4",
+                "--eval-limit",
+                "4",
+                "--learning-rate",
+                str(lr),
+            ),
+            tmp_path,
+            nproc,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         (run_dir,) = out.iterdir()  # one run folder, written by rank 0 only
         weights[nproc] = safetensors.torch.load_file(run_dir / "checkpoint-1" / "model.safetensors")
@@ -43,11 +68,20 @@ def test_two_ranks_update_like_one_process_on_the_whole_batch(tiny_toy, tmp_path
         records[nproc] = read_metrics(run_dir)
     assert samples[1] == samples[2]  # identical responses, rewards and costs
     one, two = records[1][1], records[2][1]
-    for key in ("train/reward", "train/mean_kl", "train/cost", "train/csr", "train/response_tokens", "losses/policy_loss",
-                *METHOD_KEYS[script]):  # global metrics: reduced over ranks
+    for key in (
+        "train/reward",
+        "train/mean_kl",
+        "train/cost",
+        "train/csr",
+        "train/response_tokens",
+        "losses/policy_loss",
+        *METHOD_KEYS[script],
+    ):  # global metrics: reduced over ranks
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
     assert records[2][0]["eval/accuracy"] == records[1][0]["eval/accuracy"]  # the eval's counts are summed over ranks
-    assert two["eval/mean_kl"] == pytest.approx(one["eval/mean_kl"], rel=1e-4)  # other eval batches: other padding, fp32 sums
+    assert two["eval/mean_kl"] == pytest.approx(
+        one["eval/mean_kl"], rel=1e-4
+    )  # other eval batches: other padding, fp32 sums
     start = safetensors.torch.load_file(tiny_toy / "student" / "model.safetensors")
     for name in weights[1]:
         moved = (weights[1][name] - start[name]).abs().max()
@@ -61,7 +95,11 @@ def test_torchrun_two_steps_one_set_of_logs_and_a_resumable_checkpoint(tiny_toy,
     import common
 
     out = tmp_path / "runs"
-    proc = run(tiny_run_args(script, tiny_toy, out, "--num-steps", "2", "--save-interval", "1", "--eval-interval", "0"), tmp_path, 2)
+    proc = run(
+        tiny_run_args(script, tiny_toy, out, "--num-steps", "2", "--save-interval", "1", "--eval-interval", "0"),
+        tmp_path,
+        2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = out.iterdir()
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2]  # each step logged once, by rank 0
@@ -69,7 +107,13 @@ def test_torchrun_two_steps_one_set_of_logs_and_a_resumable_checkpoint(tiny_toy,
     assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 2 * 4
     model = common.load_model(str(run_dir / "checkpoint-2"), torch.device("cpu"), torch.float32)
     assert model.config.model_type == "llama" and common.load_trainer_state(run_dir / "checkpoint-2")["step"] == 2
-    proc = run(tiny_run_args(script, tiny_toy, out, "--num-steps", "3", "--eval-interval", "0", "--resume", str(run_dir / "checkpoint-2")), tmp_path, 2)
+    proc = run(
+        tiny_run_args(
+            script, tiny_toy, out, "--num-steps", "3", "--eval-interval", "0", "--resume", str(run_dir / "checkpoint-2")
+        ),
+        tmp_path,
+        2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3]
 

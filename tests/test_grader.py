@@ -19,7 +19,9 @@ from common import extract_answer, is_correct, is_correct_lenient
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"offline data copies not found at {DATA}")
-CASES = [json.loads(line) for line in (Path(__file__).parent / "grader_cases.jsonl").read_text(encoding="utf-8").splitlines()]
+CASES = [
+    json.loads(line) for line in (Path(__file__).parent / "grader_cases.jsonl").read_text(encoding="utf-8").splitlines()
+]
 
 
 def _jsonl(name):
@@ -55,8 +57,11 @@ def test_math500_solutions_grade_against_their_answer():
     failed = [row["unique_id"] for row in rows if not is_correct(row["solution"], row["answer"])]
     assert failed == []  # every boxed solution matches its `answer` field
     # And the grader is not simply saying yes: against the next problem's answer almost all fail.
-    accepted = {row["unique_id"] for row, nxt in zip(rows, rows[1:] + rows[:1])
-                if row["answer"] != nxt["answer"] and is_correct(row["solution"], nxt["answer"])}
+    accepted = {
+        row["unique_id"]
+        for row, nxt in zip(rows, rows[1:] + rows[:1])
+        if row["answer"] != nxt["answer"] and is_correct(row["solution"], nxt["answer"])
+    }
     assert accepted == MATH500_EQUIVALENT_NEIGHBOURS
 
 
@@ -75,9 +80,19 @@ def test_verdicts_on_2000_realistic_responses():
     answer and against the next problem's: 2,000 calls, right and wrong, after the one-off warm-up."""
     gsm8k = _jsonl("gsm8k_train.jsonl")[:500]
     math500 = _jsonl("math500_test.jsonl")
-    calls = [(row["answer"], gold) for row in gsm8k for gold in
-             (row["answer"].rsplit("####", 1)[1].strip().replace(",", ""), str(int(row["answer"].rsplit("####", 1)[1].strip().replace(",", "")) + 1))]
-    calls += [(row["solution"], gold) for row, nxt in zip(math500, math500[1:] + math500[:1]) for gold in (row["answer"], nxt["answer"])]
+    calls = [
+        (row["answer"], gold)
+        for row in gsm8k
+        for gold in (
+            row["answer"].rsplit("####", 1)[1].strip().replace(",", ""),
+            str(int(row["answer"].rsplit("####", 1)[1].strip().replace(",", "")) + 1),
+        )
+    ]
+    calls += [
+        (row["solution"], gold)
+        for row, nxt in zip(math500, math500[1:] + math500[:1])
+        for gold in (row["answer"], nxt["answer"])
+    ]
     assert len(calls) == 2000
     start = time.perf_counter()
     common._math_verify()  # the one-off import and warm-up
@@ -86,10 +101,14 @@ def test_verdicts_on_2000_realistic_responses():
     start = time.perf_counter()
     verdicts = [is_correct(response, gold) for response, gold in calls]
     seconds = time.perf_counter() - start
-    print(f"\nis_correct on {len(calls)} responses: {seconds:.1f} s, {1000 * seconds / len(calls):.1f} ms per call "
-          f"(+ {warm_up:.1f} s one-off import and warm-up); {sum(verdicts)} graded correct")
+    print(
+        f"\nis_correct on {len(calls)} responses: {seconds:.1f} s, {1000 * seconds / len(calls):.1f} ms per call "
+        f"(+ {warm_up:.1f} s one-off import and warm-up); {sum(verdicts)} graded correct"
+    )
     same = sum(row["answer"] == nxt["answer"] for row, nxt in zip(math500, math500[1:] + math500[:1]))
-    assert sum(verdicts) == 1000 + same + len(MATH500_EQUIVALENT_NEIGHBOURS)  # own answers; equal and equivalent neighbours
+    assert sum(verdicts) == 1000 + same + len(
+        MATH500_EQUIVALENT_NEIGHBOURS
+    )  # own answers; equal and equivalent neighbours
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,12 +128,12 @@ def test_verdicts_on_2000_realistic_responses():
 # Pinned by id, so that a regression and a fix both fail this test.
 KNOWN_DISAGREEMENTS = {
     "test_all::test_number_extraction:65": "'1 000' (a space between thousands) is LaTeX for 1 * 000; Math-Verify's "
-                                           "expression path reads it, but that path evals model text",
+    "expression path reads it, but that path evals model text",
     "test_all::test_number_extraction:70": "'1000,99' (a decimal comma): here a comma separates thousands or list items",
     "test_all::test_number_extraction:71": "'1,22' (a decimal comma, in the gold): as above",
     "test_numina_cases::test_numina_cases:121": "the gold is an unclosed \\\\boxed{ with doubled backslashes",
     "hendrycks::test_order": "convention: a comma-separated answer is a set (as in Math-Verify); Hendrycks' string "
-                             "match keeps the order",
+    "match keeps the order",
     "hendrycks::test_decimals": "the same convention: '0.1, 4, 2' and '4, .1, 2' are the same set",
     "prm800k::unreduced_fraction": "convention: equal values are equal; PRM800K rejects an unreduced fraction (2/4)",
     "prm800k::integer_needs_exact_form": "convention: equal values are equal; PRM800K wants an integer written as one",
@@ -130,7 +149,9 @@ def test_public_cases_agreement():
     # more; each public case takes at most ~0.2 s of CPU cold, half of the 0.4 s limit.
     disagreements = {c["id"] for c in disagreements if is_correct(c["response"], c["gold"]) is not c["expected"]}
     agreement = len(CASES) - len(disagreements)
-    print(f"\npublic cases: {agreement}/{len(CASES)} ({100 * agreement / len(CASES):.1f}%) agree with the expected verdict")
+    print(
+        f"\npublic cases: {agreement}/{len(CASES)} ({100 * agreement / len(CASES):.1f}%) agree with the expected verdict"
+    )
     assert disagreements == set(KNOWN_DISAGREEMENTS)
     assert agreement / len(CASES) >= 0.97
 
@@ -161,7 +182,11 @@ def test_a_markdown_heading_is_no_answer():
     assert extract_answer("#### Step 2: Revenue\nShe earns 30.") is None
     assert extract_answer("#### 1. Costs\nShe pays 12.") is None  # a numbered heading
     assert extract_answer("#### Revenue\nThe answer is 18.\n#### Summary") == "18"  # a later heading is skipped
-    assert extract_answer("#### 18") == "18" and extract_answer("#### 1.5") == "1.5" and extract_answer("#### x = 5") == "x = 5"
+    assert (
+        extract_answer("#### 18") == "18"
+        and extract_answer("#### 1.5") == "1.5"
+        and extract_answer("#### x = 5") == "x = 5"
+    )
 
 
 def test_toy_task_solutions():
@@ -170,30 +195,36 @@ def test_toy_task_solutions():
     assert is_correct("#### 37", 37.0)  # SVAMP stores answers as floats
 
 
-@pytest.mark.parametrize("text,expected", [
-    (r"so \boxed{\frac{1}{2}} and done", r"\frac{1}{2}"),
-    (r"\boxed{1} \boxed{\left(2, {3}\right)}", r"1,\left(2, {3}\right)"),  # adjacent boxes form one answer (Math-Verify's rule)
-    (r"first \boxed{7}. Checking this again more carefully, the total is \boxed{8}", "8"),
-    (r"\boxed{2} then \boxed{3", "2"),  # an unclosed last box: the last closed one
-    (r"\boxed{5}. So the answer is 6.", "6"),  # the last marker wins, whatever its kind
-    (r"The answer is 6. Hence \boxed{5}", "5"),
-    (r"\boxed{44}. So our answer is correct.", "44"),  # "our answer is" is no marker
-    ("#### 1 \n#### 2\nbye", "2"),
-    ("#### 1,234", "1,234"),
-    ("The answer is 3.5. Other 4.", "3.5"),
-    ("The answer is: **42**", "42"),
-    ("Final Answer: The final answer is $24$. I hope it is correct.", "$24$"),
-    ("**Final Answer:**\n\n$42$", "$42$"),
-    ("Final Answer: The largest $n$ is 34.", "34"),
-    ("The answer is 18 dollars.", "18"),
-    (r"so \boxed 7", "7"),
-    ("We get 3 apples and -4.25 pears, total 1,000.", None),
-    ("nothing here", None),
-    ("", None),
-    ("####   \n", None),
-    (r"\boxed{}", None),
-    ("The answer is", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (r"so \boxed{\frac{1}{2}} and done", r"\frac{1}{2}"),
+        (
+            r"\boxed{1} \boxed{\left(2, {3}\right)}",
+            r"1,\left(2, {3}\right)",
+        ),  # adjacent boxes form one answer (Math-Verify's rule)
+        (r"first \boxed{7}. Checking this again more carefully, the total is \boxed{8}", "8"),
+        (r"\boxed{2} then \boxed{3", "2"),  # an unclosed last box: the last closed one
+        (r"\boxed{5}. So the answer is 6.", "6"),  # the last marker wins, whatever its kind
+        (r"The answer is 6. Hence \boxed{5}", "5"),
+        (r"\boxed{44}. So our answer is correct.", "44"),  # "our answer is" is no marker
+        ("#### 1 \n#### 2\nbye", "2"),
+        ("#### 1,234", "1,234"),
+        ("The answer is 3.5. Other 4.", "3.5"),
+        ("The answer is: **42**", "42"),
+        ("Final Answer: The final answer is $24$. I hope it is correct.", "$24$"),
+        ("**Final Answer:**\n\n$42$", "$42$"),
+        ("Final Answer: The largest $n$ is 34.", "34"),
+        ("The answer is 18 dollars.", "18"),
+        (r"so \boxed 7", "7"),
+        ("We get 3 apples and -4.25 pears, total 1,000.", None),
+        ("nothing here", None),
+        ("", None),
+        ("####   \n", None),
+        (r"\boxed{}", None),
+        ("The answer is", None),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
@@ -304,9 +335,53 @@ def test_lenient_reads_the_last_number_only_without_a_marker():
 # Fuzz and adversarial inputs: no exception, right types, bounded time, in threads too
 # ----------------------------------------------------------------------------------------------
 
-PIECES = ["0", "1", "7", "9", "{", "}", "\\", "\\boxed{", "\\fbox", "####", "\\frac", "\\text{", "$", "%", "^", "|",
-          ",", ".", "-", "/", " ", "\n", "(", ")", "[", "]", "=", "x", "the answer is ", "\\left", "^\\circ", "\\sin",
-          "½", "−", "°", "é", "\u200b", "😀", "\\{", "&", "\\cup", "\\begin{pmatrix}", "\\end{pmatrix}", "!", "E"]
+PIECES = [
+    "0",
+    "1",
+    "7",
+    "9",
+    "{",
+    "}",
+    "\\",
+    "\\boxed{",
+    "\\fbox",
+    "####",
+    "\\frac",
+    "\\text{",
+    "$",
+    "%",
+    "^",
+    "|",
+    ",",
+    ".",
+    "-",
+    "/",
+    " ",
+    "\n",
+    "(",
+    ")",
+    "[",
+    "]",
+    "=",
+    "x",
+    "the answer is ",
+    "\\left",
+    "^\\circ",
+    "\\sin",
+    "½",
+    "−",
+    "°",
+    "é",
+    "\u200b",
+    "😀",
+    "\\{",
+    "&",
+    "\\cup",
+    "\\begin{pmatrix}",
+    "\\end{pmatrix}",
+    "!",
+    "E",
+]
 
 
 def _check(response, gold):
@@ -331,7 +406,7 @@ def test_fuzz_integers_in_every_format():
     rng = random.Random(99)
     formats = ["#### {c}", "\\boxed{{{c}}}", "The answer is {c}.", "\\boxed{{\\${c}}}", "#### {p}.00", "so we get {c}"]
     for _ in range(500):
-        n = rng.choice([rng.randint(-10**7, 10**7), rng.randint(0, 100)])
+        n = rng.choice([rng.randint(-(10**7), 10**7), rng.randint(0, 100)])
         m = n if rng.random() < 0.5 else n + rng.choice([-1, 1, 10, -100, 1000])
         form = rng.choice(formats)
         response = form.format(c=f"{n:,}", p=n)
@@ -365,10 +440,23 @@ ADVERSARIAL = [
 # Each took sympy or ANTLR seconds to hours without the guards (huge exact numbers, slow parses, slow
 # simplifications), the first ones in C where no watchdog reaches.
 SLOW = [
-    "9^{9^{9^9}}", "10^{10^{10}}!", "100000!", "(10^{4000})^{9999}", "2^{9999 \\cdot 9999}", "1E999999", "\\binom{100000}{50000}",
-    "x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x", "|x|" * 40, "\\sin(x)^{20}-\\cos(x)^{20}", "\\cos^3((3y+\\sqrt{10})^{3})",
-    "x^{20}+x+1=0", "2\\cdot" * 60 + "2", "\\sum_{k=1}^{10^{9}} k", "\\prod_{k=1}^{100000} k",
-    "\\operatorname{zeros}(100000,100000)", "\\operatorname{ones}(30000,30000)",
+    "9^{9^{9^9}}",
+    "10^{10^{10}}!",
+    "100000!",
+    "(10^{4000})^{9999}",
+    "2^{9999 \\cdot 9999}",
+    "1E999999",
+    "\\binom{100000}{50000}",
+    "x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x^x",
+    "|x|" * 40,
+    "\\sin(x)^{20}-\\cos(x)^{20}",
+    "\\cos^3((3y+\\sqrt{10})^{3})",
+    "x^{20}+x+1=0",
+    "2\\cdot" * 60 + "2",
+    "\\sum_{k=1}^{10^{9}} k",
+    "\\prod_{k=1}^{100000} k",
+    "\\operatorname{zeros}(100000,100000)",
+    "\\operatorname{ones}(30000,30000)",
 ]
 
 
@@ -444,16 +532,31 @@ def test_model_text_is_never_evaluated(monkeypatch):
     def spy(text, *args, **kwargs):
         seen.append((sys._getframe(2).f_code.co_name, text))  # the caller of sympify
         return real(text, *args, **kwargs)
+
     monkeypatch.setattr(sympy_parser, "parse_expr", spy)
-    monkeypatch.setattr(math_verify.parser, "parse_expr", lambda *a, **k: pytest.fail("Math-Verify's expression path ran"))
+    monkeypatch.setattr(
+        math_verify.parser, "parse_expr", lambda *a, **k: pytest.fail("Math-Verify's expression path ran")
+    )
     common._parse.cache_clear()
-    hostile = [r"\boxed{__import__('os').system('echo pwned')}", "#### eval('1+1')", r"\boxed{\text{exec(print(1))}}",
-               "The answer is x.__class__.__bases__", r"\boxed{lambda: 1}", r"\boxed{1.5E12}", r"\boxed{3.25}", r"\boxed{10 \%}"]
+    hostile = [
+        r"\boxed{__import__('os').system('echo pwned')}",
+        "#### eval('1+1')",
+        r"\boxed{\text{exec(print(1))}}",
+        "The answer is x.__class__.__bases__",
+        r"\boxed{lambda: 1}",
+        r"\boxed{1.5E12}",
+        r"\boxed{3.25}",
+        r"\boxed{10 \%}",
+    ]
     for response in hostile + [c["response"] for c in CASES]:
         is_correct(response, "2")
     assert {caller for caller, _ in seen} <= {"__new__", "nsimplify_real"}
     assert all(re.fullmatch(r"\s*[0-9.]+(?:E[-+]?[0-9]+)?\s*", text) for caller, text in seen if caller == "__new__")
-    assert all(re.fullmatch(r"[0-9.()+*/ -]*(?:(?:sqrt|pi|e|log|exp)[0-9.()+*/ -]*)*", text) for caller, text in seen if caller != "__new__")
+    assert all(
+        re.fullmatch(r"[0-9.()+*/ -]*(?:(?:sqrt|pi|e|log|exp)[0-9.()+*/ -]*)*", text)
+        for caller, text in seen
+        if caller != "__new__"
+    )
 
 
 # Verdicts still wrong, pinned so that a fix shows up: Math-Verify reads `[a, b]` and `(a, b)` with a > b as two

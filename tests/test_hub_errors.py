@@ -32,15 +32,27 @@ def hub_reachable() -> bool:
         return False
 
 
-ONLINE = pytest.param(False, id="network-tried", marks=pytest.mark.skipif(hub_reachable(), reason="huggingface.co is reachable from here, so the hub names would load"))
+ONLINE = pytest.param(
+    False,
+    id="network-tried",
+    marks=pytest.mark.skipif(
+        hub_reachable(), reason="huggingface.co is reachable from here, so the hub names would load"
+    ),
+)
 OFFLINE = pytest.param(True, id="HF_HUB_OFFLINE")
 LOCAL_COPIES = "; without the network, pass local copies: a model folder (`hf download ID --local-dir DIR`) or a .jsonl"
 pytestmark = pytest.mark.slow
 
 
-def run_offline(tmp_path: Path, argv: list[str], offline: bool, toy_cache: Path) -> tuple[subprocess.CompletedProcess, str]:
+def run_offline(
+    tmp_path: Path, argv: list[str], offline: bool, toy_cache: Path
+) -> tuple[subprocess.CompletedProcess, str]:
     """Run a script (or `-c code`) with an empty hub cache; returns the process and its one error sentence."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    }
     env.update(HF_HOME=str(tmp_path / "hf_home"), CMDP_DISTILL_CACHE=str(toy_cache), PYTHONPATH=str(ROOT))
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
@@ -77,15 +89,25 @@ def test_hub_dataset_fails_in_one_sentence(tmp_path, offline):
 
 def test_gsm_symbolic_names_their_hub_repository_offline(tmp_path):
     _, sentence = run_offline(tmp_path, ["eval_math.py", "--dataset", "gsm_symbolic_p2"], True, tmp_path)
-    assert sentence.startswith("ConnectionError: Couldn't reach 'apple/GSM-Symbolic' on the Hub") and LOCAL_COPIES in sentence
+    assert (
+        sentence.startswith("ConnectionError: Couldn't reach 'apple/GSM-Symbolic' on the Hub")
+        and LOCAL_COPIES in sentence
+    )
 
 
 def test_gsm_symbolic_has_no_train_split(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "eval_math.py"), "--dataset", "gsm_symbolic", "--split", "train"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "eval_math.py"), "--dataset", "gsm_symbolic", "--split", "train"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("dataset gsm_symbolic (apple/GSM-Symbolic, config main) has only the split(s) test, not 'train': "
-                                   "to train, pass a local .jsonl file as --dataset and gsm_symbolic as --eval-dataset.")
+    assert proc.stderr.strip() == (
+        "dataset gsm_symbolic (apple/GSM-Symbolic, config main) has only the split(s) test, not 'train': "
+        "to train, pass a local .jsonl file as --dataset and gsm_symbolic as --eval-dataset."
+    )
 
 
 @pytest.mark.parametrize("offline", [OFFLINE, ONLINE])
@@ -96,7 +118,13 @@ def test_hub_student_fails_in_one_sentence(tmp_path, toy_cache, offline):
 
 
 def test_hub_teacher_fails_in_one_sentence_offline(tmp_path, toy_cache, tiny_toy):
-    argv = ["lagrangian_distill.py", "--student", str(tiny_toy / "student"), "--teacher", "Qwen/Qwen2.5-Math-7B-Instruct"]
+    argv = [
+        "lagrangian_distill.py",
+        "--student",
+        str(tiny_toy / "student"),
+        "--teacher",
+        "Qwen/Qwen2.5-Math-7B-Instruct",
+    ]
     _, sentence = run_offline(tmp_path, argv, True, toy_cache)
     assert sentence.startswith("OSError: We couldn't connect to 'https://huggingface.co'") and LOCAL_COPIES in sentence
 

@@ -160,8 +160,10 @@ def test_kl_from_hidden_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda z: token_logprobs(z, y, 4), ((hs @ ws.T).detach().requires_grad_(),))
 
 
-@pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
 def test_bf16(device):
     hs, ws, ht, wt, y = (x.to(device) for x in _hidden_case(64, 96, 1000, 1100, shape=(2, 300)))
     up_kl, up_lp = (torch.randn(2, 300, generator=_gen(s)).to(device) for s in (23, 24))

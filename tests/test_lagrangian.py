@@ -10,12 +10,15 @@ import lagrangian_distill as lagr
 from conftest import read_metrics, run_script, tiny_run_args
 
 
-@pytest.mark.parametrize("multiplier, mean_cost, budget, lr, expected", [
-    (0.0, 0.2, 0.05, 1.0, 0.15),  # violation from lambda = 0: rises by eta * 0.15
-    (0.5, 0.0, 0.05, 100.0, 0.0),  # a large step on slack: projected to 0, never negative
-    (2.0, 0.05, 0.05, 3.0, 2.0),  # on the budget: unchanged
-    (1.0, 0.3, 0.05, 0.5, 1.125),
-])
+@pytest.mark.parametrize(
+    "multiplier, mean_cost, budget, lr, expected",
+    [
+        (0.0, 0.2, 0.05, 1.0, 0.15),  # violation from lambda = 0: rises by eta * 0.15
+        (0.5, 0.0, 0.05, 100.0, 0.0),  # a large step on slack: projected to 0, never negative
+        (2.0, 0.05, 0.05, 3.0, 2.0),  # on the budget: unchanged
+        (1.0, 0.3, 0.05, 0.5, 1.125),
+    ],
+)
 def test_dual_update_is_projected_gradient_ascent(multiplier, mean_cost, budget, lr, expected):
     assert lagr.dual_update(multiplier, mean_cost, budget, lr) == pytest.approx(expected)
 
@@ -27,10 +30,17 @@ def test_dual_update_direction():
     assert lagr.dual_update(1.0, 0.50, 0.05, 0.0) == 1.0  # eta 0 (--method fixed and kd): lambda stays
 
 
-@pytest.mark.parametrize("method, lambda_init, lambda_lr, expected", [
-    ("dual", None, None, (1.0, 10.0)), ("dual", 0.5, 2.0, (0.5, 2.0)), ("fixed", None, None, (1.0, 0.0)),
-    ("fixed", 0.1, None, (0.1, 0.0)), ("grpo", None, None, (0.0, 0.0)), ("kd", None, None, (1.0, 0.0)),
-])
+@pytest.mark.parametrize(
+    "method, lambda_init, lambda_lr, expected",
+    [
+        ("dual", None, None, (1.0, 10.0)),
+        ("dual", 0.5, 2.0, (0.5, 2.0)),
+        ("fixed", None, None, (1.0, 0.0)),
+        ("fixed", 0.1, None, (0.1, 0.0)),
+        ("grpo", None, None, (0.0, 0.0)),
+        ("kd", None, None, (1.0, 0.0)),
+    ],
+)
 def test_each_method_is_one_lambda_schedule(method, lambda_init, lambda_lr, expected):
     assert lagr.lambda_schedule(method, lambda_init, lambda_lr) == expected
 
@@ -53,16 +63,19 @@ def test_help_exits_0(tmp_path):
     assert proc.returncode == 0 and "{dual,fixed,grpo,kd}" in proc.stdout and "--lambda-lr" in proc.stdout
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lambda-init", "-1"], "--lambda-init must be >= 0 and --lambda-lr > 0"),
-    (["--lambda-lr", "0"], "--lambda-init must be >= 0 and --lambda-lr > 0"),
-    (["--method", "kd", "--lambda-lr", "10"], "--method kd keeps lambda fixed; drop --lambda-lr"),
-    (["--method", "fixed", "--lambda-lr", "1"], "--method fixed keeps lambda fixed; drop --lambda-lr"),
-    (["--method", "grpo", "--lambda-init", "1"], "--method grpo has lambda = 0"),
-    (["--budget", "nan"], "--budget must be a finite number, got nan"),
-    (["--lambda-init", "inf"], "--lambda-init must be a finite number, got inf"),
-    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lambda-init", "-1"], "--lambda-init must be >= 0 and --lambda-lr > 0"),
+        (["--lambda-lr", "0"], "--lambda-init must be >= 0 and --lambda-lr > 0"),
+        (["--method", "kd", "--lambda-lr", "10"], "--method kd keeps lambda fixed; drop --lambda-lr"),
+        (["--method", "fixed", "--lambda-lr", "1"], "--method fixed keeps lambda fixed; drop --lambda-lr"),
+        (["--method", "grpo", "--lambda-init", "1"], "--method grpo has lambda = 0"),
+        (["--budget", "nan"], "--budget must be a finite number, got nan"),
+        (["--lambda-init", "inf"], "--lambda-init must be a finite number, got inf"),
+        (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    ],
+)
 def test_contradictory_or_bad_flags_are_refused(flags, message):
     import tyro
 
@@ -74,21 +87,52 @@ def test_contradictory_or_bad_flags_are_refused(flags, message):
 
 @pytest.mark.slow
 def test_two_steps_then_resume_restores_lambda(tiny_toy, tmp_path):
-    proc = run_script(*run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--lambda-init", "0.5", "--lambda-lr", "10"), cwd=tmp_path)
+    proc = run_script(
+        *run_args(tiny_toy, tmp_path / "runs", "--num-steps", "2", "--lambda-init", "0.5", "--lambda-lr", "10"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2]
-    for key in ("train/reward", "train/mean_kl", "train/cost", "train/csr", "losses/policy_loss", "losses/lagrangian_penalty", "dual/lambda", "eval/csr"):
+    for key in (
+        "train/reward",
+        "train/mean_kl",
+        "train/cost",
+        "train/csr",
+        "losses/policy_loss",
+        "losses/lagrangian_penalty",
+        "dual/lambda",
+        "eval/csr",
+    ):
         assert math.isfinite(records[2][key]), key
-    assert math.isfinite(records[1]["losses/pg_grad_norm"]) and records[1]["losses/kl_grad_norm"] > 0  # diagnostics on step 0, every 10
+    assert (
+        math.isfinite(records[1]["losses/pg_grad_norm"]) and records[1]["losses/kl_grad_norm"] > 0
+    )  # diagnostics on step 0, every 10
     lambdas = [records[1]["dual/lambda"], records[2]["dual/lambda"]]
-    assert lambdas[0] == 0.5 and lambdas[1] == pytest.approx(lagr.dual_update(0.5, records[1]["train/cost"], 0.0001, 10))
-    assert records[1]["losses/lagrangian_penalty"] == pytest.approx(0.5 * records[1]["train/cost"], rel=1e-4)  # lambda * mean cost
+    assert lambdas[0] == 0.5 and lambdas[1] == pytest.approx(
+        lagr.dual_update(0.5, records[1]["train/cost"], 0.0001, 10)
+    )
+    assert records[1]["losses/lagrangian_penalty"] == pytest.approx(
+        0.5 * records[1]["train/cost"], rel=1e-4
+    )  # lambda * mean cost
     saved = torch.load(run_dir / "checkpoint-2" / "trainer_state.pt", weights_only=True)["lagrange_multiplier"]
     assert saved == pytest.approx(lagr.dual_update(lambdas[1], records[2]["train/cost"], 0.0001, 10)) and saved > 0.5
-    proc = run_script(*run_args(tiny_toy, tmp_path / "runs", "--num-steps", "3", "--lambda-init", "0.5", "--lambda-lr", "10",
-                                "--resume", str(run_dir / "checkpoint-2")), cwd=tmp_path)
+    proc = run_script(
+        *run_args(
+            tiny_toy,
+            tmp_path / "runs",
+            "--num-steps",
+            "3",
+            "--lambda-init",
+            "0.5",
+            "--lambda-lr",
+            "10",
+            "--resume",
+            str(run_dir / "checkpoint-2"),
+        ),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2, 3] and records[3]["dual/lambda"] == pytest.approx(saved)

