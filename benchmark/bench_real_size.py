@@ -37,6 +37,8 @@ SHAPES = {
     "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 152_064, True),
     "qwen2.5-math-1.5b": (1536, 8960, 28, 12, 2, 151_936, True),
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152_064, False),
+    "tiny": (64, 128, 2, 4, 2, 151_936, True),  # the real vocabulary at toy width: gpu_check.sh's CPU smoke test
+    "tiny-teacher": (128, 256, 2, 4, 2, 152_064, False),
 }
 TOKENS = 151_665  # Qwen2.5's tokenizer: 151,643 words + 22 special tokens
 CONFIGS = {  # name -> (script, extra flags)
@@ -232,6 +234,8 @@ def main():
     (work / "data.jsonl").write_text(json.dumps({"question": "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16", "answer": "7"}) + "\n")
     build_s = time.time() - t0
     print(f"built student {n_student / 1e9:.3f}B and teacher {n_teacher / 1e9:.3f}B params in {build_s:.0f} s under {work}", flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     results = {"machine": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)",
                "commit": common.git_commit(), "torch": torch.__version__, "student_shape": a.student_shape, "teacher_shape": a.teacher_shape,
                "student_layers": a.student_layers or SHAPES[a.student_shape][2], "teacher_layers": a.teacher_layers or SHAPES[a.teacher_shape][2],
@@ -250,6 +254,8 @@ def main():
         if proc.returncode or not lines:
             results["runs"][name] = {"error": proc.stderr[-3000:]}
             print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+            if a.out:
+                Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
             continue
         run = json.loads(lines[-1].removeprefix("RESULT "))
         lora = "LoRA" in name
@@ -264,13 +270,15 @@ def main():
               f"generate {run['generate_s']:.1f} s score {run['score_s']:.1f} s update {run['update_s']:.1f} s | "
               f"{run['response_tokens']:.0f} tokens/response | trainable {run['trainable'] / 1e6:.2f}M", flush=True)
         shutil.rmtree(spec["output_dir"], ignore_errors=True)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+        if a.out:  # after every configuration, so that a run cut short by a time limit keeps what it measured
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
     if not a.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    results = main()
+    if results and any("error" in run for run in results["runs"].values()):
+        sys.exit("some configurations failed (their errors are above and in the results)")
