@@ -1091,7 +1091,7 @@ def check_lora_args(rank: int, alpha: float, targets: tuple[str, ...], student: 
     if rank < 0 or alpha <= 0:
         raise SystemExit(f"--lora-rank must be >= 0 (0 = full fine-tuning) and --lora-alpha > 0, got {rank} and {alpha}.")
     if rank and importlib.util.find_spec("peft") is None:
-        raise SystemExit("--lora-rank needs PEFT, which is not installed: pip install peft==0.21.2.")
+        raise SystemExit("--lora-rank needs PEFT, which is not installed: pip install -r requirements-lora.txt (peft==0.21.2).")
     if rank and student.endswith(".gguf"):
         raise SystemExit(f"--lora-rank with the GGUF student {student}: its adapter could not name a base to reload; save the model as a folder first (save_pretrained).")
     if rank and (bad := [t for t in targets if t.rsplit(".", 1)[-1] in _EMBEDDING_NAMES]):

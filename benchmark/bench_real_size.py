@@ -19,6 +19,7 @@ Time per phase: the script's own perf/generate_s, perf/score_s, perf/update_s. E
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -206,8 +207,12 @@ def child(spec: dict) -> None:
     state["running"] = False
     wall = time.time() - start
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    student = common.load_model(str(run_dir / "checkpoint-1"), torch.device("cpu"), torch.float32)
-    trainable = sum(p.numel() for n, p in student.named_parameters() if ".lora_" in n) or sum(p.numel() for p in student.parameters())
+    from safetensors import safe_open
+
+    trainable = 0  # the checkpoint's tensors: the adapters with LoRA, else the student (a tied matrix saved once)
+    for path in (run_dir / "checkpoint-1").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            trainable += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     print("RESULT " + json.dumps({"peaks": {k: v for k, v in state["peaks"].items() if k != "end"}, "wall_s": wall,
                                   "generate_s": record["perf/generate_s"], "score_s": record["perf/score_s"], "update_s": record["perf/update_s"],
                                   "response_tokens": record["train/response_tokens"], "trainable": trainable}), flush=True)

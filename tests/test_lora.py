@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, read_metrics, run_script, tiny_run_args
 
-pytest.importorskip("peft", reason="LoRA needs PEFT: pip install peft==0.21.2")
+pytest.importorskip("peft", reason="LoRA needs PEFT: pip install -r requirements-lora.txt")
 
 import common  # noqa: E402
 
