@@ -142,6 +142,23 @@ def test_lora_two_ranks_update_like_one_process(tiny_toy, tmp_path):
         torch.testing.assert_close(weights[2][name], weights[1][name], atol=1e-6, rtol=0)
 
 
+def test_lora_with_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_path):
+    """Checkpointed layers with frozen base weights: the adapters still get their gradient, the same as without."""
+    import safetensors.torch
+
+    weights = {}
+    for flag in ("", "--gradient-checkpointing"):
+        out = tmp_path / (flag or "plain")
+        proc = run_script(*tiny_run_args("cmdp_distill.py", tiny_toy, out, "--num-steps", "1", "--eval-interval", "0", "--learning-rate", "1e-3",
+                                         "--lora-rank", "4", *([flag] if flag else [])), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run_dir,) = out.iterdir()
+        weights[flag] = safetensors.torch.load_file(run_dir / "checkpoint-1" / "adapter_model.safetensors")
+    assert any(".lora_B." in n and w.abs().max() > 0 for n, w in weights[""].items())
+    for name, plain in weights[""].items():
+        torch.testing.assert_close(weights["--gradient-checkpointing"][name], plain, atol=1e-6, rtol=0)
+
+
 def test_smollm2_lora_step_zero_is_the_base_model_and_only_adapters_move(tmp_path_factory):
     """The real architecture (tied embeddings, 49,152 ids): the same properties on SmolLM2-135M's first 2 layers."""
     real = pytest.importorskip("test_real_model", reason="needs the SmolLM2 GGUF model (tests/test_real_model.py)")
