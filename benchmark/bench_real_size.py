@@ -117,7 +117,7 @@ def build_model(folder: Path, shape: str, layers: int | None, device: str, dtype
 
 
 def predict(n_student: int, n_trainable: int, n_teacher: int, shape_s, shape_t, *, teacher_bytes: int, tokens_per_mb: int,
-            responses: int, response_tokens: int, chunk: int, lora: bool, with_diagnostics: bool) -> dict:
+            responses: int, response_tokens: int, chunk: int, lora: bool, with_diagnostics: bool, autocast_copy: bool) -> dict:
     """Per-rank memory (bytes) by the arithmetic of docs/scaling.md, before activations: the fixed state, and the
     update phase's transient peak (gradients, the diagnostics' two gradient copies, the KL's chunk logits)."""
     (h_s, *_, rows_s, _), (h_t, *_, rows_t, _) = shape_s, shape_t
@@ -128,9 +128,10 @@ def predict(n_student: int, n_trainable: int, n_teacher: int, shape_s, shape_t, 
     teacher_states = responses * response_tokens * h_t * teacher_bytes
     kl = 4 * min(chunk, tokens_per_mb) * max(rows_s, rows_t) * 4  # ~4 fp32 [chunk x vocab] copies
     head_grad = 0 if lora else 4 * rows_s * h_s  # the KL's fp32 gradient of the output layer, before it joins .grad
+    autocast = 2 * n_trainable if autocast_copy else 0  # bf16 autocast's cached copy of the weights that require grad
     return {"weights": weights, "adam": adam, "grads": grads, "diagnostics": diagnostics, "teacher_states": teacher_states,
-            "kl_chunk": kl, "head_grad": head_grad,
-            "update_peak": weights + adam + grads + diagnostics + teacher_states + kl + head_grad}
+            "kl_chunk": kl, "head_grad": head_grad, "autocast_copy": autocast,
+            "update_peak": weights + adam + grads + diagnostics + teacher_states + kl + head_grad + autocast}
 
 
 def child(spec: dict) -> None:
@@ -267,7 +268,8 @@ def main():
         run["predicted"] = predict(n_student, run["trainable"], n_teacher, SHAPES[a.student_shape], SHAPES[a.teacher_shape],
                                    teacher_bytes=teacher_dtype.itemsize, tokens_per_mb=a.micro_batch_size * int(run["response_tokens"]),
                                    responses=a.group_size, response_tokens=int(run["response_tokens"]), chunk=a.kl_chunk_size, lora=lora,
-                                   with_diagnostics=a.diagnostic_interval > 0)
+                                   with_diagnostics=a.diagnostic_interval > 0,
+                                   autocast_copy=a.device.startswith("cuda") and teacher_dtype == torch.bfloat16)
         run["process_s"] = time.time() - t
         results["runs"][name] = run
         peaks = " ".join(f"{k} {v / GB:.2f}" for k, v in run["peaks"].items())
