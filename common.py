@@ -1162,3 +1162,69 @@ def offpolicy_kd_warmup(
         if log is not None:
             tokens_per_response = num_tokens / (prompts_per_step * group_size)
             log({"warmup/step": step + 1, "warmup/loss": loss, "warmup/response_tokens": tokens_per_response})
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA through PEFT (--lora-rank > 0): adapters injected in place (transformers' PEFT integration), so the scripts'
+# forward calls and the exact KL on the frozen output layer run unchanged, and save_pretrained writes the adapter
+# alone in PEFT's format, whose base_model_name_or_path lets load_model rebuild base + adapter (eval, --resume)
+# ---------------------------------------------------------------------------------------------
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # attention and MLP
+_EMBEDDING_NAMES = ("lm_head", "embed_tokens", "embed_out", "wte", "word_embeddings")
+
+
+def check_lora_args(rank: int, alpha: float, targets: tuple[str, ...], student: str) -> None:
+    """Reject LoRA settings before anything loads (add_lora checks the targets again on the loaded model)."""
+    import importlib.util
+
+    if rank < 0 or alpha <= 0:
+        raise InputError(
+            f"--lora-rank must be >= 0 (0 = full fine-tuning) and --lora-alpha > 0, got {rank} and {alpha}"
+        )
+    if rank and importlib.util.find_spec("peft") is None:
+        raise InputError(
+            "--lora-rank needs PEFT, which is not installed: pip install -r requirements-lora.txt (peft==0.21.2)"
+        )
+    if rank and student.endswith(".gguf"):
+        raise InputError(
+            f"--lora-rank with the GGUF student {student}: its adapter could not name a base to reload; "
+            "save the model as a folder first (save_pretrained)"
+        )
+    if rank and (bad := [t for t in targets if t.rsplit(".", 1)[-1] in _EMBEDDING_NAMES]):
+        raise InputError(
+            f"--lora-target-modules {bad[0]}: the exact KL reads the output layer's weight directly and it may be "
+            f"tied to the embeddings, so LoRA targets neither; pick projections, e.g. {' '.join(LORA_TARGETS)}"
+        )
+
+
+def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
+    """The model with LoRA adapters of `rank` on `targets` (dropout 0: the update's forward must score the policy that
+    sampled), only the adapters trainable; a model loaded from a LoRA checkpoint keeps its adapter, made trainable.
+    rank 0: the model unchanged (full fine-tuning)."""
+    loaded = getattr(model, "_hf_peft_config_loaded", False)
+    saved_rank = model.peft_config["default"].r if loaded else 0
+    if loaded and rank != saved_rank:
+        raise InputError(
+            f"the checkpoint holds a LoRA adapter of rank {saved_rank}: "
+            f"resume it with --lora-rank {saved_rank}, not {rank}"
+        )
+    if not rank:
+        return model
+    embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
+    hit = [
+        n for n, m in model.named_modules() if m in embeddings and any(n == t or n.endswith("." + t) for t in targets)
+    ]
+    if hit:
+        raise InputError(
+            f"--lora-target-modules matches {hit[0]}, an embedding or output layer: "
+            "the exact KL reads its weight directly, so LoRA targets only other layers"
+        )
+    if not loaded:
+        from peft import LoraConfig
+
+        if os.path.isdir(model.name_or_path):  # an absolute base path, so that the checkpoint reloads from anywhere
+            model.name_or_path = os.path.abspath(model.name_or_path)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    return model

@@ -87,6 +87,14 @@ class Args:
     """allow models whose code lives in their hub repository (runs that code)"""
     gradient_checkpointing: bool = False
     """recompute the student's activations in the backward pass (less memory, ~30% slower)"""
+    lora_rank: int = 0
+    """LoRA rank r of adapters trained in place of the student's weights (PEFT; 0 = full fine-tuning); the LoRA
+    learning rate is typically ~10x the full fine-tuning one (docs/scaling.md)"""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha (the adapter's update is scaled by alpha / r)"""
+    lora_target_modules: tuple[str, ...] = common.LORA_TARGETS
+    """modules that get adapters: PEFT names (suffixes); never the output layer or the embeddings (the exact KL reads
+    the output layer's weight)"""
     prompts_per_step: int = 16
     """P: distinct prompts per step, all ranks together (each rank gets P / world_size whole groups)"""
     group_size: int = 8
@@ -225,6 +233,7 @@ def check_args(args: Args) -> None:
         )
     common.check_dataset(args.dataset, "train")
     common.check_dataset(args.eval_dataset or args.dataset, "test")
+    common.check_lora_args(args.lora_rank, args.lora_alpha, args.lora_target_modules, args.student)
     # ALGO LOGIC: the method's own flags; each baseline is one --method, and flags that contradict it are refused
     if (args.lambda_init is not None and args.lambda_init < 0) or (args.lambda_lr is not None and args.lambda_lr <= 0):
         raise Error(f"--lambda-init must be >= 0 and --lambda-lr > 0, got {args.lambda_init} and {args.lambda_lr}")
@@ -315,6 +324,7 @@ def load(args: Args, rank: int, device: torch.device):
     dtype = common.resolve_dtype(args.dtype, device)
     # float32 master weights: in bf16, Adam steps of lr ~1e-6 round to nothing; the compute still runs in dtype
     student = common.load_model(student_path, device, torch.float32, args.trust_remote_code)
+    student = common.add_lora(student, args.lora_rank, args.lora_alpha, args.lora_target_modules)  # rank 0: unchanged
     common.disable_dropout(student)  # the update's forward must score the policy that sampled
     if args.gradient_checkpointing:
         student.activation_checkpointing_enable()
