@@ -5,7 +5,7 @@ folder with a tokenizer of 151,665 ids built in-process (Qwen's 151,643 words + 
 template), then each configuration runs the real `main()` of cmdp_distill.py or lagrangian_distill.py in a fresh
 subprocess: --num-steps 1, 1 prompt x G responses of --max-new-tokens tokens (a random model almost never samples
 eos, so responses run to the cap), eval of 1 problem at steps 0 and 1, and the final checkpoint.
-Phases are told apart by wrapping common.generate / pad_sequences / response_scores (under grad) / evaluate /
+Phases are told apart by wrapping common.generate / pad_sequences / score (under grad) / evaluate /
 all_gather / save_checkpoint: generate, score (teacher states and costs), update (forward + backward + AdamW,
 whose state is allocated in the first step), eval, save. Memory per phase:
   CPU : resident set size sampled every 2 ms from /proc/self/statm by a thread (peak per phase);
@@ -231,7 +231,7 @@ def child(spec: dict) -> None:
     wrap("evaluate", "eval", after="other")
     wrap("generate", "generate")
     wrap("pad_sequences", "score")
-    wrap("response_scores", "update", when=lambda *a, **k: torch.is_grad_enabled())
+    wrap("score", "update", when=lambda *a, **k: torch.is_grad_enabled())
     wrap("all_gather", "other")
     wrap("save_checkpoint", "save", after="other")
     thread = threading.Thread(target=sample, daemon=True)

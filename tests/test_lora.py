@@ -34,9 +34,9 @@ def _batch(model, tokenizer, seed: int = 0) -> dict:
 
 
 def _logprobs(model, batch: dict, vocab: int) -> torch.Tensor:
-    head = model.get_output_embeddings().weight
-    hidden = common.final_hidden(model, batch)
-    return common.response_scores(hidden, head, hidden.detach(), head.detach(), batch, 64, vocab)[1]  # (B, L-1)
+    with torch.no_grad():  # the model scores itself as the teacher: only its log-probs are compared
+        batch = dict(batch, teacher_hidden=common.final_hidden(model, batch))
+    return common.score(model, batch, model.get_output_embeddings().weight.detach(), 64, vocab)[1]  # (B, T)
 
 
 def _check_lora_step(folder: str, targets: tuple[str, ...] = common.LORA_TARGETS) -> None:
