@@ -76,6 +76,7 @@ def test_output_layer_and_embeddings_are_refused(tiny_toy, targets):
         common.add_lora(model, 4, 8.0, targets)
 
 
+@pytest.mark.slow
 def test_bad_lora_flags_are_one_sentence(tiny_toy, tmp_path):
     for flags, message in (
         (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
@@ -87,6 +88,7 @@ def test_bad_lora_flags_are_one_sentence(tiny_toy, tmp_path):
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_lora_checkpoint_reloads_evaluates_and_resumes(tiny_toy, tmp_path, script):
     out = tmp_path / "runs"
@@ -184,6 +186,7 @@ def test_lora_checkpoint_reloads_evaluates_and_resumes(tiny_toy, tmp_path, scrip
     assert common.load_trainer_state(run_dir / "checkpoint-3")["step"] == 3
 
 
+@pytest.mark.slow
 def test_lora_two_ranks_update_like_one_process(tiny_toy, tmp_path):
     """torchrun with LoRA: two ranks give the one-process adapter weights, as for full fine-tuning."""
     import safetensors.torch
@@ -229,6 +232,7 @@ def test_lora_two_ranks_update_like_one_process(tiny_toy, tmp_path):
         torch.testing.assert_close(weights[2][name], weights[1][name], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_lora_with_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_path):
     """Checkpointed layers with frozen base weights: the adapters still get their gradient, the same as without."""
     import safetensors.torch
@@ -261,6 +265,7 @@ def test_lora_with_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_pa
         torch.testing.assert_close(weights["--gradient-checkpointing"][name], plain, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_smollm2_lora_step_zero_is_the_base_model_and_only_adapters_move(tmp_path_factory):
     """The real architecture (tied embeddings, 49,152 ids): the same properties on SmolLM2-135M's first 2 layers."""
     real = pytest.importorskip("test_real_model", reason="needs the SmolLM2 GGUF model (tests/test_real_model.py)")
