@@ -60,7 +60,11 @@ def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
                 runs.append((f"dual_eta{lr}_l{init}", 1, f"lagrangian_distill.py --budget 0.05 --lambda-init {init} --lambda-lr {lr}"))
     else:
         raise SystemExit(f"unknown chunk {chunk!r}: tune-cmdp or tune-lagrangian.")
-    return runs
+    # most informative first, so that a chunk cut short still answers the question: the paper's n = 20, each
+    # normalisation, then the rest; for fixed lambda the interval (0.1, 1) where the outcome changes, then the ends
+    first = ["cmdp_n20_centred_b1", "cmdp_n20_std_b1", "cmdp_n5_std_b1", "cmdp_n5_centred_b1", "cmdp_n20_std_b0",
+             "fixed_l0.3", "fixed_l0.1", "fixed_l1", "fixed_l0.2", "fixed_l0.5", "dual_eta10_l1", "dual_eta100_l0"]
+    return sorted(runs, key=lambda r: first.index(r[0]) if r[0] in first else len(first))
 
 
 def split_data(out: Path) -> tuple[Path, Path]:
