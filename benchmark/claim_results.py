@@ -23,7 +23,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmark" / "results" / "claim"
 BUDGETS = (0.05, 0.1)
-FAMILIES = {"cmdp": "CMDP (per-token mean)", "cmdpsum": "CMDP (sum form)", "dual": "dual ascent", "fixed": "fixed lambda"}
+FAMILIES = {
+    "cmdp": "CMDP (per-token mean)",
+    "cmdpsum": "CMDP (sum form)",
+    "dual": "dual ascent",
+    "fixed": "fixed lambda",
+}
 COLOURS = {"cmdp": "tab:blue", "cmdpsum": "tab:cyan", "dual": "tab:orange", "fixed": "tab:green"}
 SETTLE_TOL = {"eval/accuracy": 0.03, "eval/csr": 0.05}  # in-run evals: 200 problems, standard error about 0.02-0.03
 
@@ -49,12 +54,38 @@ def reference(split: Path, name: str) -> dict:
         import toy_math
 
         tmp = ROOT / "runs" / "claim" / f"reference_{name}_{split.stem}"
-        subprocess.run([sys.executable, "eval_math.py", "--model", toy_math.resolve("toy", name), "--teacher", "toy", "--dataset",
-                        str(split), "--max-new-tokens", "64", "--batch-size", "250", "--output-dir", str(tmp)], cwd=ROOT, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "eval_math.py",
+                "--model",
+                toy_math.resolve("toy", name),
+                "--teacher",
+                "toy",
+                "--dataset",
+                str(split),
+                "--max-new-tokens",
+                "64",
+                "--batch-size",
+                "250",
+                "--output-dir",
+                str(tmp),
+            ],
+            cwd=ROOT,
+            check=True,
+        )
         rows = [json.loads(line) for line in (tmp / "results.jsonl").read_text().splitlines()]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"run": name, "correct": [int(r["correct"]) for r in rows],
-                                   "mean_kl": [round(r["mean_kl"], 6) for r in rows]}) + "\n")
+        out.write_text(
+            json.dumps(
+                {
+                    "run": name,
+                    "correct": [int(r["correct"]) for r in rows],
+                    "mean_kl": [round(r["mean_kl"], 6) for r in rows],
+                }
+            )
+            + "\n"
+        )
     r = json.loads(out.read_text())
     return {k: np.array(r[k], dtype=float) for k in ("correct", "mean_kl")}
 
@@ -64,7 +95,8 @@ def family(name: str) -> str:
 
 
 def own_budget(r: dict) -> float | None:
-    """The per-token budget a run was trained for (the sum form's per-response budget / MEAN_TOKENS); None if budget-free."""
+    """The per-token budget a run was trained for (the sum form's: its per-response budget / 19.5 tokens); None if
+    budget-free."""
     words = r["command"].split()
     if family(r["run"]) == "fixed":
         return None
@@ -87,8 +119,16 @@ def metrics(r: dict, budget: float) -> dict:
     diag = r.get("train_diagnostic_steps", [])
     pg = np.median([d["losses/pg_grad_norm"] for d in diag]) if diag else float("nan")
     kl = np.median([d["losses/kl_grad_norm"] for d in diag]) if diag else float("nan")
-    return dict(acc=r["correct"].mean(), csr=within.mean(), both=(within & (r["correct"] > 0)).mean(), kl=r["mean_kl"].mean(),
-                settle_acc=settle_step(r, "eval/accuracy"), settle_csr=settle_step(r, "eval/csr"), pg=pg, klg=kl)
+    return dict(
+        acc=r["correct"].mean(),
+        csr=within.mean(),
+        both=(within & (r["correct"] > 0)).mean(),
+        kl=r["mean_kl"].mean(),
+        settle_acc=settle_step(r, "eval/accuracy"),
+        settle_csr=settle_step(r, "eval/csr"),
+        pg=pg,
+        klg=kl,
+    )
 
 
 def cell(values: list[float], fmt: str = ".3f") -> str:
@@ -104,8 +144,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    parser.add_argument("--split", type=Path, default=ROOT / "runs" / "claim" / "data" / "val.jsonl",
-                        help="the split the tuning runs were evaluated on (for the reference rows; written by claim_sweep.py)")
+    parser.add_argument(
+        "--split",
+        type=Path,
+        default=ROOT / "runs" / "claim" / "data" / "val.jsonl",
+        help="the split the tuning runs were evaluated on (for the reference rows; written by claim_sweep.py)",
+    )
     args = parser.parse_args()
     runs = load(args.results)
     if not runs:
@@ -115,13 +159,20 @@ def main() -> None:
         refs = {name: reference(args.split, name) for name in ("student", "teacher")}
     lines, chosen = [], {}
     for budget in BUDGETS:
-        lines += [f"### Budget d = {budget} (validation split, greedy; CSR: mean per-token KL <= {budget})", "",
-                  "| run | trained for d | seeds | accuracy | CSR | correct and within | mean KL | settled by step (acc / CSR) "
-                  "| median grad norm, PG / cost term |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### Budget d = {budget} (validation split, greedy; CSR: mean per-token KL <= {budget})",
+            "",
+            "| run | trained for d | seeds | accuracy | CSR | correct and within | mean KL "
+            "| settled by step (acc / CSR) "
+            "| median grad norm, PG / cost term |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, ref in refs.items():
             within = ref["mean_kl"] <= budget
-            lines.append(f"| {name} (reference) | - | - | {ref['correct'].mean():.3f} | {within.mean():.3f} | "
-                         f"{(within & (ref['correct'] > 0)).mean():.3f} | {ref['mean_kl'].mean():.3f} | - | - |")
+            lines.append(
+                f"| {name} (reference) | - | - | {ref['correct'].mean():.3f} | {within.mean():.3f} | "
+                f"{(within & (ref['correct'] > 0)).mean():.3f} | {ref['mean_kl'].mean():.3f} | - | - |"
+            )
         rows = []
         for name, rs in sorted(runs.items(), key=lambda kv: (list(FAMILIES).index(family(kv[0])), kv[0])):
             trained = own_budget(rs[0])
@@ -130,9 +181,11 @@ def main() -> None:
             ms = [metrics(r, budget) for r in rs]
             rows.append((name, ms))
             get = lambda k: [m[k] for m in ms]  # noqa: E731
-            lines.append(f"| {name} | {trained if trained else 'any'} | {len(rs)} | {cell(get('acc'))} | {cell(get('csr'))} | "
-                         f"{cell(get('both'))} | {cell(get('kl'))} | {np.mean(get('settle_acc')):.0f} / "
-                         f"{np.mean(get('settle_csr')):.0f} | {np.mean(get('pg')):.2g} / {np.mean(get('klg')):.2g} |")
+            lines.append(
+                f"| {name} | {trained if trained else 'any'} | {len(rs)} | {cell(get('acc'))} | {cell(get('csr'))} | "
+                f"{cell(get('both'))} | {cell(get('kl'))} | {np.mean(get('settle_acc')):.0f} / "
+                f"{np.mean(get('settle_csr')):.0f} | {np.mean(get('pg')):.2g} / {np.mean(get('klg')):.2g} |"
+            )
         lines.append("")
         best = {}
         for name, ms in rows:
@@ -140,8 +193,11 @@ def main() -> None:
             if f not in best or score > best[f][1]:
                 best[f] = (name, score)
         chosen[budget] = {f: name for f, (name, _) in best.items()}
-        lines += [f"Chosen on validation at d = {budget} (highest correct-and-within): "
-                  + ", ".join(f"{FAMILIES[f]}: `{name}` ({score:.3f})" for f, (name, score) in best.items()), ""]
+        lines += [
+            f"Chosen on validation at d = {budget} (highest correct-and-within): "
+            + ", ".join(f"{FAMILIES[f]}: `{name}` ({score:.3f})" for f, (name, score) in best.items()),
+            "",
+        ]
         plot_front(budget, rows, refs, args.out)
     table = "\n".join(lines)
     print(table)
@@ -164,24 +220,73 @@ def plot_front(budget: float, rows: list, refs: dict, out: Path) -> None:
         x, y = np.mean([m["csr"] for m in ms]), np.mean([m["acc"] for m in ms])
         by_family[family(name)].append((x, y, name))
         if len(ms) > 1:
-            ax.errorbar(x, y, xerr=np.std([m["csr"] for m in ms]), yerr=np.std([m["acc"] for m in ms]), color=COLOURS[family(name)],
-                        capsize=2, lw=0.8)
+            ax.errorbar(
+                x,
+                y,
+                xerr=np.std([m["csr"] for m in ms]),
+                yerr=np.std([m["acc"] for m in ms]),
+                color=COLOURS[family(name)],
+                capsize=2,
+                lw=0.8,
+            )
     for f, points in by_family.items():
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=22, alpha=0.45, color=COLOURS[f])
         front = pareto(points)
-        ax.plot([p[0] for p in front], [p[1] for p in front], "-o", ms=5, color=COLOURS[f], label=f"{FAMILIES[f]} ({len(points)} settings)")
-        if f == "fixed":
-            for x, y, name in points:
-                ax.annotate(name.removeprefix("fixed_l"), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points", color=COLOURS[f])
+        ax.plot(
+            [p[0] for p in front],
+            [p[1] for p in front],
+            "-o",
+            ms=5,
+            color=COLOURS[f],
+            label=f"{FAMILIES[f]} ({len(points)} settings)",
+        )
+        if f == "fixed":  # lambda next to each point, alternately above and below so that neighbours stay legible
+            for k, (x, y, name) in enumerate(sorted(points)):
+                ax.annotate(
+                    f"λ={name.removeprefix('fixed_l')}",
+                    (x, y),
+                    fontsize=7,
+                    xytext=(4, 6 if k % 2 else -10),
+                    textcoords="offset points",
+                    color=COLOURS[f],
+                )
     for name, ref in refs.items():
-        ax.scatter([(ref["mean_kl"] <= budget).mean()], [ref["correct"].mean()], marker="*", s=180,
-                   color="black" if name == "teacher" else "gray", label=f"{name} (reference)", zorder=5)
+        ax.scatter(
+            [(ref["mean_kl"] <= budget).mean()],
+            [ref["correct"].mean()],
+            marker="*",
+            s=180,
+            color="black" if name == "teacher" else "gray",
+            label=f"{name} (reference)",
+            zorder=5,
+        )
+    x0, y0 = 0.8, min([0.95] + [ref["correct"].mean() - 0.02 for ref in refs.values()])  # the region that matters
+    off = [f"{name} ({x:.2f}, {y:.2f})" for points in by_family.values() for x, y, name in points if x < x0 or y < y0]
+    off += [
+        f"{name} ({(r['mean_kl'] <= budget).mean():.2f}, {r['correct'].mean():.2f})"
+        for name, r in refs.items()
+        if (r["mean_kl"] <= budget).mean() < x0 or r["correct"].mean() < y0
+    ]
+    if off:
+        ax.text(
+            0.01,
+            0.01,
+            "outside the axes (CSR, accuracy):\n" + "\n".join(off),
+            transform=ax.transAxes,
+            fontsize=7,
+            va="bottom",
+            ha="left",
+            bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"),
+        )
+    ax.set_xlim(x0, 1.01)
+    ax.set_ylim(y0, 1.005)
     ax.set_xlabel(f"CSR at d = {budget} (fraction of greedy responses with mean per-token KL <= d)")
     ax.set_ylabel("greedy accuracy (validation, 500 problems)")
-    ax.set_title(f"Accuracy vs constraint satisfaction, d = {budget}, 600 steps (lines: each method's Pareto front)", fontsize=9)
-    ax.set_xlim(-0.02, 1.02)
+    ax.set_title(
+        f"Accuracy vs constraint satisfaction, d = {budget}, 600 steps (lines: each method's Pareto front)", fontsize=9
+    )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="center left")
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / f"claim_fronts_d{budget}.png", dpi=110)

@@ -1,13 +1,14 @@
 """The fair test of the paper's claim on the toy task: every method's knob tuned alike, in resumable chunks.
 
-Each chunk is a list of training runs (600 steps, the default learning rate, in-run greedy evals every 50 steps) that
-this script runs JOBS at a time, one thread each. After each run it evaluates the final student greedily on all
+Each chunk is a list of training runs (600 steps, the default learning rate, in-run greedy evals every 50 steps)
+that this script runs JOBS at a time, one thread each. After each run it evaluates the final student greedily on all
 problems of the chunk's evaluation split and writes one compact result file,
-benchmark/results/claim/{chunk}/{run}__{seed}.json: the command, the in-run evals, the training record of every step with gradient diagnostics (every 10th)
-(rewards, CSR, each loss term's gradient norm), the final eval summary, and per problem whether the answer was correct
-with its mean per-token KL and its summed KL, so that CSR at any budget and either constraint form can be rebuilt
-without the checkpoints. A run whose result file exists is skipped; an interrupted run resumes from its last
-checkpoint (every 100 steps). benchmark/claim_results.py turns the result files into the tables and plots.
+benchmark/results/claim/{chunk}/{run}__{seed}.json: the command, the in-run evals, the training record of every step
+with gradient diagnostics (every 10th: rewards, CSR, each loss term's gradient norm), the final eval summary, and
+per problem whether the answer was correct with its mean per-token KL and its summed KL, so that CSR at any budget
+and either constraint form can be rebuilt without the checkpoints. A run whose result file exists is skipped; an
+interrupted run resumes from its last checkpoint (every 100 steps). benchmark/claim_results.py turns the result
+files into the tables and plots.
 
 Settings are chosen on a validation split: 500 problems held out of the toy training set (seeded), never trained on;
 every run of every chunk trains on the remaining 19,500, so the split is the same for tuning and final runs.
@@ -15,9 +16,9 @@ every run of every chunk trains on the remaining 19,500, so the split is the sam
     python benchmark/claim_sweep.py list tune-cmdp             # the chunk's runs as plain commands
     python benchmark/claim_sweep.py run tune-cmdp --jobs 2     # run it (re-run to resume)
 
-Chunks: tune-cmdp (14 runs: n x advantage normalisation x beta, and the sum form), tune-lagrangian (14: fixed
-lambda on a log grid, dual ascent step size x starting lambda), all at d = 0.05 on the validation split, seed 1.
-"""
+Chunks: tune-cmdp (14 runs: n x advantage normalisation x beta, and the sum form), tune-lagrangian (14: fixed lambda
+on a log grid, dual ascent step size x starting lambda), all at d = 0.05, and tune-d0.1 (12: CMDP n in {5, 20} x
+normalisation and the sum form, dual ascent's grid, at d = 0.1); validation split, seed 1."""
 
 import argparse
 import json
@@ -47,7 +48,9 @@ def cmdp_grid(budget: float, penalties=("1", "5", "20"), betas=("0", "1")) -> li
     for n in penalties:
         for norm in ("centred", "std"):
             for beta in betas:
-                flags = f"--budget {budget:g} --penalty {n} --explicit-coef {beta}" + " --norm-adv-std" * (norm == "std")
+                flags = f"--budget {budget:g} --penalty {n} --explicit-coef {beta}" + " --norm-adv-std" * (
+                    norm == "std"
+                )
                 runs.append((f"cmdp_n{n}_{norm}_b{beta}{tag}", 1, f"cmdp_distill.py {flags}"))
     for norm in ("centred", "std"):
         flags = f"--constraint sum --budget {budget * MEAN_TOKENS:g} --penalty 20" + " --norm-adv-std" * (norm == "std")
@@ -57,14 +60,33 @@ def cmdp_grid(budget: float, penalties=("1", "5", "20"), betas=("0", "1")) -> li
 
 def dual_grid(budget: float) -> list[tuple[str, int, str]]:
     tag = "" if budget == 0.05 else f"_d{budget:g}"
-    return [(f"dual_eta{lr}_l{init}{tag}", 1, f"lagrangian_distill.py --method dual --budget {budget:g} --lambda-init {init} --lambda-lr {lr}")
-            for lr in DUAL_LRS for init in DUAL_INITS]
+    return [
+        (
+            f"dual_eta{lr}_l{init}{tag}",
+            1,
+            f"lagrangian_distill.py --method dual --budget {budget:g} --lambda-init {init} --lambda-lr {lr}",
+        )
+        for lr in DUAL_LRS
+        for init in DUAL_INITS
+    ]
 
 
 # most informative first, so that a chunk cut short still answers the question: the paper's n = 20 with each
 # normalisation, then n = 5; for fixed lambda the interval (0.1, 1) where the outcome changes, then the ends
-FIRST = ("cmdp_n20_centred_b1", "cmdp_n20_std_b1", "cmdp_n5_std_b1", "cmdp_n5_centred_b1", "cmdp_n20_std_b0",
-         "fixed_l0.3", "fixed_l0.1", "fixed_l1", "fixed_l0.2", "fixed_l0.5", "dual_eta10_l1", "dual_eta100_l0")
+FIRST = (
+    "cmdp_n20_centred_b1",
+    "cmdp_n20_std_b1",
+    "cmdp_n5_std_b1",
+    "cmdp_n5_centred_b1",
+    "cmdp_n20_std_b0",
+    "fixed_l0.3",
+    "fixed_l0.1",
+    "fixed_l1",
+    "fixed_l0.2",
+    "fixed_l0.5",
+    "dual_eta10_l1",
+    "dual_eta100_l0",
+)
 
 
 def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
@@ -97,8 +119,10 @@ def split_data(out: Path) -> tuple[Path, Path]:
 
 
 def command(name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path) -> str:
-    return (f"python {method} --seed {seed} --num-steps {STEPS} --eval-interval 50 --save-interval 100 "
-            f"--output-dir {out / 'runs'} --exp-name {name} --dataset {train} --eval-dataset {evaluation}")
+    return (
+        f"python {method} --seed {seed} --num-steps {STEPS} --eval-interval 50 --save-interval 100 "
+        f"--output-dir {out / 'runs'} --exp-name {name} --dataset {train} --eval-dataset {evaluation}"
+    )
 
 
 def run_one(chunk: str, name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path) -> str:
@@ -119,26 +143,40 @@ def run_one(chunk: str, name: str, seed: int, method: str, out: Path, train: Pat
     train_seconds = time.time() - start
     eval_dir = run_dir / "eval"
     if not (eval_dir / "summary.json").exists():
-        eval_cmd = (f"python eval_math.py --model {run_dir / f'checkpoint-{STEPS}'} --teacher toy --dataset {evaluation} "
-                    f"--max-new-tokens 64 --batch-size 250 --output-dir {eval_dir}")
+        eval_cmd = (
+            f"python eval_math.py --model {run_dir / f'checkpoint-{STEPS}'} --teacher toy --dataset {evaluation} "
+            f"--max-new-tokens 64 --batch-size 250 --output-dir {eval_dir}"
+        )
         with open(log, "a") as f:
             if subprocess.run(shlex.split(eval_cmd), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
                 return f"FAILED eval ({log}): {eval_cmd}"
     return write_result(result, chunk, name, seed, cmd, run_dir, evaluation, train_seconds)
 
 
-def write_result(result: Path, chunk: str, name: str, seed: int, cmd: str, run_dir: Path, evaluation: Path,
-                 train_seconds: float | None) -> str:
+def write_result(
+    result: Path,
+    chunk: str,
+    name: str,
+    seed: int,
+    cmd: str,
+    run_dir: Path,
+    evaluation: Path,
+    train_seconds: float | None,
+) -> str:
     """The compact, committed result of one finished and evaluated run (written atomically)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_problem = [json.loads(line) for line in (run_dir / "eval" / "results.jsonl").read_text().splitlines()]
     config = json.loads((run_dir / "config.json").read_text())
     result.parent.mkdir(parents=True, exist_ok=True)
     compact = {
-        "chunk": chunk, "run": name, "seed": seed,
+        "chunk": chunk,
+        "run": name,
+        "seed": seed,
         "command": " ".join(["python", *config["argv"]]).replace(str(evaluation.parent.parent), "runs/claim"),  # as run
-        "commit": config.get("git_commit"), "steps": STEPS,
-        "train_seconds_this_call": None if train_seconds is None else round(train_seconds), "eval_split": evaluation.name,
+        "commit": config.get("git_commit"),
+        "steps": STEPS,
+        "train_seconds_this_call": None if train_seconds is None else round(train_seconds),
+        "eval_split": evaluation.name,
         "in_run_evals": [r for r in records if "eval/accuracy" in r],
         "train_diagnostic_steps": [r for r in records if "losses/pg_grad_norm" in r],  # every 10th step, grad norms
         "final_eval": json.loads((run_dir / "eval" / "summary.json").read_text()),
@@ -173,7 +211,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/claim", help="run folders, logs and the validation split")
     args = parser.parse_args()
     runs, out = chunk_runs(args.chunk), (ROOT / args.out).resolve()
-    subprocess.run([sys.executable, "toy_math.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)  # build once, first
+    subprocess.run(
+        [sys.executable, "toy_math.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL
+    )  # build once, first
     train, val = split_data(out)
     if args.action == "list":
         for name, seed, method in runs:
