@@ -150,7 +150,7 @@ def run_one(chunk: str, name: str, seed: int, method: str, out: Path, train: Pat
         with open(log, "a") as f:
             if subprocess.run(shlex.split(eval_cmd), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
                 return f"FAILED eval ({log}): {eval_cmd}"
-    return write_result(result, chunk, name, seed, cmd, run_dir, evaluation, train_seconds)
+    return write_result(result, chunk, name, seed, run_dir, evaluation, train_seconds)
 
 
 def write_result(
@@ -158,7 +158,6 @@ def write_result(
     chunk: str,
     name: str,
     seed: int,
-    cmd: str,
     run_dir: Path,
     evaluation: Path,
     train_seconds: float | None,
@@ -191,16 +190,15 @@ def write_result(
     return f"finished {result.name}{minutes} (acc {compact['final_eval']['accuracy']:.3f})"
 
 
-def recompact(chunk: str, out: Path, train: Path, evaluation: Path) -> None:
+def recompact(chunk: str, out: Path, evaluation: Path) -> None:
     """Rewrite the result files of a chunk's finished runs from their run folders (keeps the recorded train time)."""
-    for name, seed, method in chunk_runs(chunk):
+    for name, seed, _ in chunk_runs(chunk):
         dirs = sorted(out.glob(f"runs/{name}__{seed}__*/eval/summary.json"))
         if not dirs:
             continue
         result = RESULTS / chunk / f"{name}__{seed}.json"
         seconds = json.loads(result.read_text()).get("train_seconds_this_call") if result.exists() else None
-        cmd = command(name, seed, method, out, train, evaluation)
-        print(write_result(result, chunk, name, seed, cmd, dirs[-1].parent.parent, evaluation, seconds))
+        print(write_result(result, chunk, name, seed, dirs[-1].parent.parent, evaluation, seconds))
 
 
 def main() -> None:
@@ -220,7 +218,7 @@ def main() -> None:
             print(command(name, seed, method, out, train, val))
         return
     if args.action == "compact":
-        return recompact(args.chunk, out, train, val)
+        return recompact(args.chunk, out, val)
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # several processes must not oversubscribe the cores
     start = time.time()
