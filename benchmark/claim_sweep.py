@@ -17,8 +17,14 @@ every run of every chunk trains on the remaining 19,500, so the split is the sam
     python benchmark/claim_sweep.py run tune-cmdp --jobs 2     # run it (re-run to resume)
 
 Chunks: tune-cmdp (14 runs: n x advantage normalisation x beta, and the sum form), tune-lagrangian (14: fixed lambda
-on a log grid, dual ascent step size x starting lambda), all at d = 0.05, and tune-d0.1 (12: CMDP n in {5, 20} x
-normalisation and the sum form, dual ascent's grid, at d = 0.1); validation split, seed 1."""
+on a log grid, dual ascent step size x starting lambda), all at d = 0.05, tune-d0.1 (12: CMDP n in {5, 20} x
+normalisation and the sum form, dual ascent's grid, at d = 0.1) and lr-ablation (2: the paper's CMDP setting at a
+third and three times the learning rate), on the validation split with seed 1; final-d0.05 (20: each method's setting
+chosen on validation, and the paper's CMDP setting, seeds 1-5, evaluated on the toy test split). A run whose seed-1
+training already exists in --out (the tuning run of the same name) is only evaluated on the new split.
+
+    python benchmark/claim_sweep.py run final-d0.05 --seeds 2 3 4 5 --jobs 16 --extra "--device cuda --dtype float32"
+"""
 
 import argparse
 import json
@@ -36,6 +42,7 @@ RESULTS = ROOT / "benchmark" / "results" / "claim"
 STEPS = 600
 NUM_VAL = 500
 MEAN_TOKENS = 19.5  # mean response tokens of the starting student (toy build report): d_sum = d x MEAN_TOKENS
+LRS = ("3e-05", "0.0003")  # the default is 1e-4
 LAMBDAS = ("0.01", "0.03", "0.1", "0.2", "0.3", "0.5", "1", "3")
 DUAL_LRS = ("1", "10", "100")
 DUAL_INITS = ("0", "1")
@@ -79,6 +86,8 @@ FIRST = (
     "cmdp_n5_std_b1",
     "cmdp_n5_centred_b1",
     "cmdp_n20_std_b0",
+    "cmdpsum_n20_centred_b1",
+    "cmdpsum_n20_std_b1",
     "fixed_l0.3",
     "fixed_l0.1",
     "fixed_l1",
@@ -86,7 +95,12 @@ FIRST = (
     "fixed_l0.5",
     "dual_eta10_l1",
     "dual_eta100_l0",
+    "dual_eta100_l1",
 )
+# each method's setting chosen on the validation split at d = 0.05 (benchmark/results/claim/chosen.json), and the
+# paper's CMDP setting
+FINAL = ("cmdp_n1_centred_b1", "cmdp_n20_centred_b1", "fixed_l0.5", "dual_eta100_l0")
+TEST_CHUNKS = ("final-d0.05",)
 
 
 def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
@@ -98,8 +112,14 @@ def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
         runs += dual_grid(0.05)
     elif chunk == "tune-d0.1":
         runs = cmdp_grid(0.1, penalties=("5", "20"), betas=("1",)) + dual_grid(0.1)
+    elif chunk == "lr-ablation":
+        method = dict((name, m) for name, _, m in cmdp_grid(0.05))["cmdp_n20_centred_b1"]
+        runs = [(f"cmdp_n20_centred_b1_lr{lr}", 1, f"{method} --learning-rate {lr}") for lr in LRS]
+    elif chunk == "final-d0.05":
+        tuned = {name: method for name, _, method in chunk_runs("tune-cmdp") + chunk_runs("tune-lagrangian")}
+        runs = [(name, seed, tuned[name]) for seed in range(1, 6) for name in FINAL]
     else:
-        raise SystemExit(f"unknown chunk {chunk!r}: tune-cmdp, tune-lagrangian or tune-d0.1.")
+        raise SystemExit(f"unknown chunk {chunk!r}: tune-cmdp, tune-lagrangian, tune-d0.1, lr-ablation or final-d0.05.")
     return sorted(runs, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST))
 
 
@@ -118,35 +138,47 @@ def split_data(out: Path) -> tuple[Path, Path]:
     return train_fit, val
 
 
-def command(name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path) -> str:
+def flag(evaluation: Path) -> str:
+    """The evaluation split as a --dataset value: the validation file, or 'toy' (the toy test split)."""
+    return str(evaluation) if evaluation.name == "val.jsonl" else "toy"
+
+
+def command(name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path, extra: str = "") -> str:
     return (
         f"python {method} --seed {seed} --num-steps {STEPS} --eval-interval 50 --save-interval 100 "
-        f"--output-dir {out / 'runs'} --exp-name {name} --dataset {train} --eval-dataset {evaluation}"
-    )
+        f"--output-dir {out / 'runs'} --exp-name {name} --dataset {train} --eval-dataset {flag(evaluation)} {extra}"
+    ).strip()
 
 
-def run_one(chunk: str, name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path) -> str:
+def eval_dir_of(run_dir: Path, evaluation: Path) -> Path:
+    """The final evaluation's folder: eval/ for the validation split, eval-test/ for the test split."""
+    return run_dir / ("eval" if evaluation.name == "val.jsonl" else f"eval-{evaluation.stem}")
+
+
+def run_one(
+    chunk: str, name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path, extra: str = ""
+) -> str:
     result = RESULTS / chunk / f"{name}__{seed}.json"
     if result.exists():
         return f"done already: {result.name}"
-    cmd = command(name, seed, method, out, train, evaluation)
+    cmd = command(name, seed, method, out, train, evaluation, extra)
     checkpoints = sorted(out.glob(f"runs/{name}__{seed}__*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     log = out / "logs" / f"{name}__{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    if not checkpoints or int(checkpoints[-1].name.split("-")[1]) < STEPS:
+    start, trained = time.time(), not checkpoints or int(checkpoints[-1].name.split("-")[1]) < STEPS
+    if trained:
         resume = f" --resume {checkpoints[-1]}" if checkpoints else ""
         with open(log, "a") as f:
             if subprocess.run(shlex.split(cmd + resume), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
                 return f"FAILED ({log}): {cmd}"
     run_dir = sorted(out.glob(f"runs/{name}__{seed}__*/checkpoint-{STEPS}"))[-1].parent
-    train_seconds = time.time() - start
-    eval_dir = run_dir / "eval"
+    train_seconds = time.time() - start if trained else None  # None: trained earlier (a tuning run), only evaluated
+    eval_dir = eval_dir_of(run_dir, evaluation)
     if not (eval_dir / "summary.json").exists():
         eval_cmd = (
-            f"python eval_math.py --model {run_dir / f'checkpoint-{STEPS}'} --teacher toy --dataset {evaluation} "
-            f"--max-new-tokens 64 --batch-size 250 --output-dir {eval_dir}"
-        )
+            f"python eval_math.py --model {run_dir / f'checkpoint-{STEPS}'} --teacher toy --dataset {flag(evaluation)} "
+            f"--max-new-tokens 64 --batch-size 250 --output-dir {eval_dir} {extra}"
+        ).strip()
         with open(log, "a") as f:
             if subprocess.run(shlex.split(eval_cmd), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
                 return f"FAILED eval ({log}): {eval_cmd}"
@@ -164,21 +196,22 @@ def write_result(
 ) -> str:
     """The compact, committed result of one finished and evaluated run (written atomically)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    per_problem = [json.loads(line) for line in (run_dir / "eval" / "results.jsonl").read_text().splitlines()]
+    eval_dir = eval_dir_of(run_dir, evaluation)
+    per_problem = [json.loads(line) for line in (eval_dir / "results.jsonl").read_text().splitlines()]
     config = json.loads((run_dir / "config.json").read_text())
     result.parent.mkdir(parents=True, exist_ok=True)
     compact = {
         "chunk": chunk,
         "run": name,
         "seed": seed,
-        "command": " ".join(["python", *config["argv"]]).replace(str(evaluation.parent.parent), "runs/claim"),  # as run
+        "command": " ".join(["python", *config["argv"]]).replace(str(run_dir.parent.parent), "runs/claim"),  # as run
         "commit": config.get("git_commit"),
         "steps": STEPS,
         "train_seconds_this_call": None if train_seconds is None else round(train_seconds),
         "eval_split": evaluation.name,
         "in_run_evals": [r for r in records if "eval/accuracy" in r],
         "train_diagnostic_steps": [r for r in records if "losses/pg_grad_norm" in r],  # every 10th step, grad norms
-        "final_eval": json.loads((run_dir / "eval" / "summary.json").read_text()),
+        "final_eval": json.loads((eval_dir / "summary.json").read_text()),
         "correct": [int(r["correct"]) for r in per_problem],
         "mean_kl": [round(r["mean_kl"], 6) for r in per_problem],
         "sum_kl": [round(r["mean_kl"] * r["response_tokens"], 6) for r in per_problem],
@@ -193,7 +226,7 @@ def write_result(
 def recompact(chunk: str, out: Path, evaluation: Path) -> None:
     """Rewrite the result files of a chunk's finished runs from their run folders (keeps the recorded train time)."""
     for name, seed, _ in chunk_runs(chunk):
-        dirs = sorted(out.glob(f"runs/{name}__{seed}__*/eval/summary.json"))
+        dirs = sorted(out.glob(f"runs/{name}__{seed}__*/{eval_dir_of(Path(), evaluation).name}/summary.json"))
         if not dirs:
             continue
         result = RESULTS / chunk / f"{name}__{seed}.json"
@@ -207,15 +240,23 @@ def main() -> None:
     parser.add_argument("chunk")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each when > 1)")
     parser.add_argument("--out", default="runs/claim", help="run folders, logs and the validation split")
+    parser.add_argument("--seeds", type=int, nargs="+", help="only the chunk's runs with these seeds")
+    parser.add_argument("--extra", default="", help="flags added to every training and evaluation command")
     args = parser.parse_args()
     runs, out = chunk_runs(args.chunk), (ROOT / args.out).resolve()
+    runs = [r for r in runs if args.seeds is None or r[1] in args.seeds]
     subprocess.run(
         [sys.executable, "toy_math.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL
     )  # build once, first
     train, val = split_data(out)
+    if args.chunk in TEST_CHUNKS:
+        sys.path.insert(0, str(ROOT))
+        import toy_math
+
+        val = Path(toy_math.resolve("toy", "test"))
     if args.action == "list":
         for name, seed, method in runs:
-            print(command(name, seed, method, out, train, val))
+            print(command(name, seed, method, out, train, val, args.extra))
         return
     if args.action == "compact":
         return recompact(args.chunk, out, val)
@@ -223,7 +264,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = "1"  # several processes must not oversubscribe the cores
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
-        for message in pool.map(lambda r: run_one(args.chunk, *r, out, train, val), runs):
+        for message in pool.map(lambda r: run_one(args.chunk, *r, out, train, val, args.extra), runs):
             print(f"[{(time.time() - start) / 60:6.1f} min] {message}", flush=True)
     print(f"chunk {args.chunk}: {(time.time() - start) / 60:.1f} min with --jobs {args.jobs}")
 
