@@ -30,16 +30,21 @@ FAMILIES = {
     "fixed": "fixed lambda",
 }
 COLOURS = {"cmdp": "tab:blue", "cmdpsum": "tab:cyan", "dual": "tab:orange", "fixed": "tab:green"}
+TUNING_CHUNKS = ("tune-cmdp", "tune-lagrangian", "tune-d0.1")  # lr-ablation changes a setting no method tunes
+TARGET_CSR, TARGET_ACC = 0.9, 0.95  # "reaches the budget without losing the reward": what a user would search for
 SETTLE_TOL = {"eval/accuracy": 0.03, "eval/csr": 0.05}  # in-run evals: 200 problems, standard error about 0.02-0.03
 
 
-def load(results: Path) -> dict[str, list[dict]]:
-    """Run name -> its result files (one per seed)."""
+def load(results: Path, split: str, chunks: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
+    """Run name -> its result files (one per seed) evaluated on `split` (val.jsonl or test.jsonl), optionally only
+    those of some chunks."""
     runs = defaultdict(list)
     for path in sorted(results.glob("*/*.json")):
-        if path.parent.name == "reference":
+        if path.parent.name == "reference" or (chunks is not None and path.parent.name not in chunks):
             continue
         r = json.loads(path.read_text())
+        if r["eval_split"] != split:
+            continue
         for key in ("correct", "mean_kl", "sum_kl"):
             r[key] = np.array(r[key], dtype=float)
         runs[r["run"]].append(r)
@@ -114,6 +119,13 @@ def settle_step(r: dict, key: str) -> int:
     return evals[-1][0]
 
 
+def setting(name: str) -> dict:
+    """A run name's knobs, e.g. cmdp_n20_centred_b1_lr3e-05 -> n 20, centred, beta 1, lr 3e-05."""
+    parts = name.split("_")
+    lr = float(next((w[2:] for w in parts if w.startswith("lr")), "1e-4"))  # 1e-4: every method's default
+    return dict(n=parts[1][1:], adv=parts[2], beta=parts[3][1:], lr=f"{lr:.0e}")
+
+
 def metrics(r: dict, budget: float) -> dict:
     within = r["mean_kl"] <= budget
     diag = r.get("train_diagnostic_steps", [])
@@ -151,13 +163,13 @@ def main() -> None:
         help="the split the tuning runs were evaluated on (for the reference rows; written by claim_sweep.py)",
     )
     args = parser.parse_args()
-    runs = load(args.results)
+    runs = load(args.results, "val.jsonl", TUNING_CHUNKS)
     if not runs:
         raise SystemExit(f"no result files under {args.results}: run benchmark/claim_sweep.py first.")
     refs = {}
     if (RESULTS / "reference").exists() or args.split.exists():
         refs = {name: reference(args.split, name) for name in ("student", "teacher")}
-    lines, chosen = [], {}
+    lines, chosen, reach = [], {}, []
     for budget in BUDGETS:
         lines += [
             f"### Budget d = {budget} (validation split, greedy; CSR: mean per-token KL <= {budget})",
@@ -198,11 +210,133 @@ def main() -> None:
             + ", ".join(f"{FAMILIES[f]}: `{name}` ({score:.3f})" for f, (name, score) in best.items()),
             "",
         ]
+        for f in FAMILIES:  # how many of a family's settings reach the target: what a search over its knob costs
+            ms = [
+                np.mean([m["csr"] for m in r]) >= TARGET_CSR and np.mean([m["acc"] for m in r]) >= TARGET_ACC
+                for name, r in rows
+                if family(name) == f
+            ]
+            if ms:
+                reach.append(
+                    f"| {budget} | {FAMILIES[f]} | {len(ms)} | {sum(ms)} | "
+                    f"{len(ms) / sum(ms) if sum(ms) else float('inf'):.1f} |"
+                )
         plot_front(budget, rows, refs, args.out)
+    lines += [
+        f"### Settings that reach the target (validation): CSR >= {TARGET_CSR} at d and accuracy >= {TARGET_ACC}",
+        "",
+        "| d | method | settings run | reach the target | runs per hit, drawing settings at random |",
+        "|---|---|---|---|---|",
+        *reach,
+        "",
+    ]
+    lines += ablation(load(args.results, "val.jsonl", ("tune-cmdp", "lr-ablation")))
+    final = load(args.results, "test.jsonl")
+    if final:
+        sys.path.insert(0, str(ROOT))
+        import toy_math
+
+        test_refs = {name: reference(Path(toy_math.resolve("toy", "test")), name) for name in ("student", "teacher")}
+        lines += final_table(final, test_refs, 0.05)
+        plot_final(final, test_refs, 0.05, args.out)
     table = "\n".join(lines)
     print(table)
     (args.results / "tables.md").write_text(table + "\n")
     (args.results / "chosen.json").write_text(json.dumps({str(b): c for b, c in chosen.items()}, indent=1) + "\n")
+
+
+def ablation(runs: dict[str, list[dict]]) -> list[str]:
+    """CMDP's speed against n, the advantage normalisation, beta and the learning rate (its own runs, d = 0.05)."""
+    lines = [
+        "### Ablation of CMDP's speed (validation, d = 0.05, seed 1)",
+        "",
+        "| n | advantage | beta | learning rate | accuracy | CSR | mean KL | settled by step (acc / CSR) "
+        "| median grad norm, PG / term (II) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in sorted(runs.items(), key=lambda kv: (-int(setting(kv[0])["beta"]), kv[0])):
+        if family(name) != "cmdp":
+            continue
+        k, m = setting(name), metrics(rs[0], 0.05)
+        settled = f"{m['settle_acc']} / {m['settle_csr']}" if m["kl"] < 1 else f"diverged (mean KL {m['kl']:.1f})"
+        lines.append(
+            f"| {k['n']} | {k['adv']} | {k['beta']} | {k['lr']} | {m['acc']:.3f} | {m['csr']:.3f} | {m['kl']:.3f} "
+            f"| {settled} | {m['pg']:.2g} / {m['klg']:.2g} |"
+        )
+    return lines + [""]
+
+
+def final_table(runs: dict[str, list[dict]], refs: dict, budget: float) -> list[str]:
+    """The chosen settings on the test split: mean ± std over seeds, and each seed's values."""
+    lines = [
+        f"### Test split, d = {budget}: each method's chosen setting, 600 steps, mean ± std over seeds",
+        "",
+        "| method, setting | seeds | accuracy | CSR | correct and within | mean KL | per seed: correct and within |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, ref in refs.items():
+        within = ref["mean_kl"] <= budget
+        lines.append(
+            f"| {name} (reference) | - | {ref['correct'].mean():.3f} | {within.mean():.3f} | "
+            f"{(within & (ref['correct'] > 0)).mean():.3f} | {ref['mean_kl'].mean():.3f} | - |"
+        )
+    for name, rs in sorted(runs.items(), key=lambda kv: (list(FAMILIES).index(family(kv[0])), kv[0])):
+        ms = [metrics(r, budget) for r in sorted(rs, key=lambda r: r["seed"])]
+        get = lambda k: [m[k] for m in ms]  # noqa: E731
+        lines.append(
+            f"| {FAMILIES[family(name)]}, `{name}` | {len(ms)} | {cell(get('acc'))} | {cell(get('csr'))} | "
+            f"{cell(get('both'))} | {cell(get('kl'))} | {' '.join(f'{b:.3f}' for b in get('both'))} |"
+        )
+    return lines + [""]
+
+
+def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: pip install matplotlib==3.11.2")
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    markers = iter("osD^v<>")
+    for name, rs in sorted(runs.items()):
+        ms = [metrics(r, budget) for r in rs]
+        xs, ys, colour, marker = [m["csr"] for m in ms], [m["acc"] for m in ms], COLOURS[family(name)], next(markers)
+        ax.scatter(xs, ys, s=18, alpha=0.5, color=colour, marker=marker)
+        ax.errorbar(
+            np.mean(xs),
+            np.mean(ys),
+            xerr=np.std(xs),
+            yerr=np.std(ys),
+            color=colour,
+            marker=marker,
+            ms=8,
+            capsize=3,
+            label=f"{FAMILIES[family(name)]}, {name} ({len(ms)} seeds)",
+        )
+    for name, ref in refs.items():
+        ax.scatter(
+            [(ref["mean_kl"] <= budget).mean()],
+            [ref["correct"].mean()],
+            marker="*",
+            s=180,
+            color="black" if name == "teacher" else "gray",
+            label=f"{name} (reference)",
+            zorder=5,
+        )
+    ax.set_xlabel(f"CSR at d = {budget} (fraction of greedy responses with mean per-token KL <= d)")
+    ax.set_ylabel("greedy accuracy (toy test split, 500 problems)")
+    ax.set_title(
+        f"Chosen settings on the test split, d = {budget}, 600 steps (small: seeds; large: mean ± std)", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"claim_final_d{budget}.png", dpi=110)
+    plt.close(fig)
 
 
 def plot_front(budget: float, rows: list, refs: dict, out: Path) -> None:

@@ -7,8 +7,8 @@ benchmark/results/claim/{chunk}/{run}__{seed}.json: the command, the in-run eval
 with gradient diagnostics (every 10th: rewards, CSR, each loss term's gradient norm), the final eval summary, and
 per problem whether the answer was correct with its mean per-token KL and its summed KL, so that CSR at any budget
 and either constraint form can be rebuilt without the checkpoints. A run whose result file exists is skipped; an
-interrupted run resumes from its last checkpoint (every 100 steps). benchmark/claim_results.py turns the result
-files into the tables and plots.
+interrupted run resumes from its last checkpoint (every 100 steps). Drivers in several shells can share a chunk (a
+lock file per run keeps them apart). benchmark/claim_results.py turns the result files into the tables and plots.
 
 Settings are chosen on a validation split: 500 problems held out of the toy training set (seeded), never trained on;
 every run of every chunk trains on the remaining 19,500, so the split is the same for tuning and final runs.
@@ -155,12 +155,43 @@ def eval_dir_of(run_dir: Path, evaluation: Path) -> Path:
     return run_dir / ("eval" if evaluation.name == "val.jsonl" else f"eval-{evaluation.stem}")
 
 
+def take_lock(out: Path, name: str, seed: int) -> bool:
+    """Whether this driver may run `name` now: no live driver holds out/locks/{name}__{seed}, so that several
+    drivers (in other shells) can share a chunk; a lock whose process has ended is taken over."""
+    lock = out / "locks" / f"{name}__{seed}"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one driver wins
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text()), 0)
+                return False  # its driver is alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale
+    return False
+
+
 def run_one(
     chunk: str, name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path, extra: str = ""
 ) -> str:
     result = RESULTS / chunk / f"{name}__{seed}.json"
     if result.exists():
         return f"done already: {result.name}"
+    if not take_lock(out, name, seed):
+        return f"running in another driver: {name}__{seed}"
+    try:
+        return train_and_evaluate(chunk, name, seed, method, out, train, evaluation, extra, result)
+    finally:
+        (out / "locks" / f"{name}__{seed}").unlink(missing_ok=True)
+
+
+def train_and_evaluate(
+    chunk: str, name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path, extra: str, result: Path
+) -> str:
     cmd = command(name, seed, method, out, train, evaluation, extra)
     checkpoints = sorted(out.glob(f"runs/{name}__{seed}__*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     log = out / "logs" / f"{name}__{seed}.log"
