@@ -43,7 +43,8 @@ class Args:
     model: str = "toy"
     """model to evaluate: a hub id, a local folder, a .gguf file, or 'toy' (the toy student)"""
     dataset: str = "toy"
-    """'toy', 'gsm8k' (openai/gsm8k), 'math500' (HuggingFaceH4/MATH-500), 'gsm_symbolic', 'gsm_symbolic_p1', 'gsm_symbolic_p2' (apple/GSM-Symbolic main/p1/p2, test split only) or a .jsonl/.json file"""
+    """'toy', 'gsm8k' (openai/gsm8k), 'math500' (HuggingFaceH4/MATH-500), 'gsm_symbolic', 'gsm_symbolic_p1',
+    'gsm_symbolic_p2' (apple/GSM-Symbolic main/p1/p2, test split only) or a .jsonl/.json file"""
     split: str = "test"
     """split of a named dataset (ignored for files)"""
     limit: int | None = None
@@ -60,9 +61,11 @@ class Args:
     """KL budget d > 0: a response satisfies the constraint iff its cost <= d (CSR); nats per token for --constraint
     mean and prefix, nats per response for sum"""
     constraint: Literal["sum", "mean", "prefix"] = "mean"
-    """cost of a response, as in the training scripts: the 'sum' of its per-token KLs, their 'mean', or the largest 'prefix' mean"""
+    """cost of a response, as in the training scripts: the 'sum' of its per-token KLs, their 'mean',
+    or the largest 'prefix' mean"""
     output_dir: str | None = None
-    """where results.jsonl (--compare: verdicts.jsonl) and summary.json go; None: runs/eval/{model}__{dataset}__{unix_time} (--compare: runs/eval/rwr__{A}__vs__{B}__{unix_time})"""
+    """where results.jsonl (--compare: verdicts.jsonl) and summary.json go;
+    None: runs/eval/{model}__{dataset}__{unix_time} (--compare: runs/eval/rwr__{A}__vs__{B}__{unix_time})"""
     seed: int = 1
     """seed for sampling (temperature > 0) and of the bootstrap resampling of --compare"""
     device: str = "auto"
@@ -76,7 +79,8 @@ class Args:
 
     # Reasoning Win Rate arguments
     compare: tuple[str, str] | None = None
-    """two results.jsonl files A B of eval_math.py on the same problems: the Reasoning Win Rate of A vs B by --judge, instead of an accuracy eval"""
+    """two results.jsonl files A B of eval_math.py on the same problems: the Reasoning Win Rate of A vs B by --judge,
+    instead of an accuracy eval"""
     judge: str | None = None
     """judge for --compare (instruction-tuned): hub id, local folder or .gguf file; its chat template if any; greedy"""
     judge_max_new_tokens: int = 1024
@@ -108,7 +112,8 @@ def check_args(args: Args) -> None:
             )
         if args.judge == "toy":
             raise common.InputError(
-                "--judge toy is not allowed: the toy models cannot read the judge prompt; pass an instruction-tuned model."
+                "--judge toy is not allowed: the toy models cannot read the judge prompt; "
+                "pass an instruction-tuned model."
             )
         if args.teacher is not None:
             raise common.InputError(
@@ -140,7 +145,8 @@ def tag(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 # The gold answer is not shown (our choice): accuracy already measures final answers, and with the reference
-# in view a judge can decide by matching final answers alone; RWR is meant to compare the reasoning (docs/reasoning_win_rate.md).
+# in view a judge can decide by matching final answers alone; RWR is meant to compare the reasoning
+# (docs/reasoning_win_rate.md).
 JUDGE_PROMPT = """\
 Below are a math problem and two solutions to it, written by two different students.
 
@@ -254,7 +260,10 @@ def read_results(path: str) -> list[dict]:
 def match_results(a: list[dict], b: list[dict], path_a: str, path_b: str) -> None:
     """Refuse (common.InputError) unless A and B answer the same problems in the same order: the same question
     (written by eval_math.py), or the same prompt for files without one."""
-    redo = "evaluate both models with this eval_math.py on the same --dataset and --limit, or pass --limit N to judge the first N of each"
+    redo = (
+        "evaluate both models with this eval_math.py on the same --dataset and --limit, "
+        "or pass --limit N to judge the first N of each"
+    )
     if len(a) != len(b):
         raise common.InputError(
             f"{path_a} and {path_b} do not cover the same problems ({len(a)} vs {len(b)} results): {redo}."
@@ -363,7 +372,8 @@ def rwr(args: Args) -> dict:
     common.write_json(out / "summary.json", summary)
     print(f"\nReasoning Win Rate of A = {path_a} vs B = {path_b}, judge {args.judge}, {n} problems")
     print(
-        f"| {'outcome for A':<13} | {'count':>5} | {'rate':>6} | {'95% interval':>16} |\n|{'-' * 15}|{'-' * 7}|{'-' * 8}|{'-' * 18}|"
+        f"| {'outcome for A':<13} | {'count':>5} | {'rate':>6} | {'95% interval':>16} |\n"
+        f"|{'-' * 15}|{'-' * 7}|{'-' * 8}|{'-' * 18}|"
     )
     for o in OUTCOMES:
         rate, low, high = rates[o]
@@ -371,8 +381,10 @@ def rwr(args: Args) -> dict:
         print(f"| {o:<13} | {outcomes.count(o):>5} | {shown[0]:>6} | {shown[1]:>16} |")
     print(f"| {'unparseable':<13} | {summary['unparseable']:>5} | {'-':>6} | {'excluded':>16} |")
     print(
-        f"\n{summary['unparseable']} of {n} pairs had an unparseable verdict in at least one order and are excluded from the rates "
-        f"({summary['judge_truncated']} of {2 * n} judge outputs hit --judge-max-new-tokens); intervals: {BOOTSTRAP_RESAMPLES} bootstrap resamples of the problems, seed {args.seed}."
+        f"\n{summary['unparseable']} of {n} pairs had an unparseable verdict in at least one order "
+        "and are excluded from the rates "
+        f"({summary['judge_truncated']} of {2 * n} judge outputs hit --judge-max-new-tokens); "
+        f"intervals: {BOOTSTRAP_RESAMPLES} bootstrap resamples of the problems, seed {args.seed}."
     )
     print(f"wrote {out / 'verdicts.jsonl'} and {out / 'summary.json'}")
     return summary

@@ -1,4 +1,5 @@
-"""The offline toy task: arithmetic word problems on which reward and teacher pull apart, with a tiny teacher and student.
+"""The offline toy task: arithmetic word problems on which reward and teacher pull apart,
+with a tiny teacher and student.
 
 The default runs of `cmdp_distill.py`, `lagrangian_distill.py` and `eval_math.py` use it (the way CartPole serves
 CleanRL). It generates GSM8K-format problems ("... #### 28"), builds a word/digit tokenizer in-process, and trains
@@ -204,7 +205,8 @@ def sft(
 
 @dataclass
 class Args:
-    """Build the toy task (data, tokenizer, teacher, student) and report their accuracy, KL and constraint satisfaction."""
+    """Build the toy task (data, tokenizer, teacher, student) and report their accuracy, KL and constraint
+    satisfaction."""
 
     seed: int = 0
     """seed of the problem generator and of both models' initialisation and data order"""

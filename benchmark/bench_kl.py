@@ -88,8 +88,6 @@ def estimate_bytes(method, t, a):
     grads = (t + vs) * a.student_hidden * b
     if method == "naive":  # both logits + ~7 float32 (T, V) tensors alive around the backward
         extra = t * (vs + vt) * b + 7 * t * vs * 4
-    elif method == "chunked-logits":  # both logits, two logits-sized grads and their sum, chunk temps
-        extra = t * (vs + vt) * b + 3 * t * vs * b + 8 * c * vt * 4
     else:  # chunk temps, float32 weight-grad accumulator (+ bf16 product and cast when not float32)
         extra = 8 * c * vt * 4 + vs * a.student_hidden * (4 + (2 * b if b != 4 else 0))
     return inputs + grads + extra

@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--toy-dir",
         default=None,
-        help="folder with student/, teacher/, train.jsonl, test.jsonl; default: the cached toy task (toy_math.resolve, built on first use)",
+        help="folder with student/, teacher/, train.jsonl, test.jsonl; "
+        "default: the cached toy task (toy_math.resolve, built on first use)",
     )
     p.add_argument(
         "--out", default="runs/bench_step.json", help="JSON results; the runs' logs go to <out without .json>_logs/"
@@ -97,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.skip < 0 or args.steps <= args.skip:
         p.error(
-            f"--steps must be larger than --skip (at least one timed step), got --steps {args.steps} and --skip {args.skip}."
+            "--steps must be larger than --skip (at least one timed step), "
+            f"got --steps {args.steps} and --skip {args.skip}."
         )
     for name in ("threads", "prompts_per_step", "group_size", "micro_batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -106,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--group-size must be >= 2 (GRPO's advantages are relative to the group), got {args.group_size}.")
     if (args.prompts_per_step * args.group_size) % args.micro_batch_size:
         p.error(
-            f"--micro-batch-size {args.micro_batch_size} must divide --prompts-per-step x --group-size = {args.prompts_per_step * args.group_size}."
+            f"--micro-batch-size {args.micro_batch_size} must divide --prompts-per-step x --group-size = "
+            f"{args.prompts_per_step * args.group_size}."
         )
     if args.learning_rate <= 0:
         p.error(f"--learning-rate must be > 0, got {args.learning_rate}.")
@@ -168,7 +171,8 @@ def format_tables(results: list[dict], machine: dict, settings: dict) -> str:
 
     steps = f"median of steps {settings['skip'] + 1}-{settings['steps']}"
     lines = [
-        f"| work | TRL {machine.get('trl') or '-'} (s/step) | this project (s/step) | ratio (ours / TRL) | mean response tokens (TRL / ours) |",
+        f"| work | TRL {machine.get('trl') or '-'} (s/step) | this project (s/step) | ratio (ours / TRL) | "
+        "mean response tokens (TRL / ours) |",
         "|---|---|---|---|---|",
     ]
     for r in results:
@@ -193,12 +197,15 @@ def format_tables(results: list[dict], machine: dict, settings: dict) -> str:
     for r in results:
         o = r["ours"]
         lines.append(
-            f"| `{r['command']}` | {o['median_generate_s']:.3f} | {o['median_score_s']:.3f} | {o['median_update_s']:.3f} | {o['median_s']:.3f} |"
+            f"| `{r['command']}` | {o['median_generate_s']:.3f} | {o['median_score_s']:.3f} | "
+            f"{o['median_update_s']:.3f} | {o['median_s']:.3f} |"
         )
     lines += [
         "",
-        f"{settings['prompts_per_step']} prompts x {settings['group_size']} responses per step, at most {settings['max_new_tokens']} new tokens, "
-        f"{steps}, float32 on CPU; machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads; "
+        f"{settings['prompts_per_step']} prompts x {settings['group_size']} responses per step, "
+        f"at most {settings['max_new_tokens']} new tokens, "
+        f"{steps}, float32 on CPU; machine: {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['torch_threads']} torch threads; "
         f"torch {machine['torch']}, transformers {machine['transformers']}, commit {machine['git_commit'] or '?'}"
         f"{' (uncommitted changes)' if machine.get('dirty') else ''}.",
     ]
@@ -232,8 +239,10 @@ def machine_info(args) -> dict:
         ]
         cpu = names[0] if names else cpu
     probe = (
-        "import json, torch, transformers, importlib.metadata as m, importlib.util as u; print(json.dumps(dict(torch_threads=torch.get_num_threads(), "
-        "torch=torch.__version__, transformers=transformers.__version__, trl=m.version('trl') if u.find_spec('trl') else None)))"
+        "import json, torch, transformers, importlib.metadata as m, importlib.util as u; "
+        "print(json.dumps(dict(torch_threads=torch.get_num_threads(), "
+        "torch=torch.__version__, transformers=transformers.__version__, "
+        "trl=m.version('trl') if u.find_spec('trl') else None)))"
     )
     versions = json.loads(
         subprocess.run(
@@ -268,7 +277,8 @@ def toy_paths(toy_dir: str | None) -> dict[str, str]:
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise SystemExit(
-            f"--toy-dir {toy_dir} lacks {', '.join(missing)}; pass a toy build folder (student/, teacher/, train.jsonl, test.jsonl)."
+            f"--toy-dir {toy_dir} lacks {', '.join(missing)}; "
+            "pass a toy build folder (student/, teacher/, train.jsonl, test.jsonl)."
         )
     return {k: str(p) for k, p in paths.items()}
 
@@ -429,7 +439,8 @@ def trl_child(args) -> None:
         use_cpu=True,
         bf16=False,
         fp16=False,
-        activation_checkpointing=False,  # gradient checkpointing (its transformers 5 name): TRL defaults it on; ours is off
+        # gradient checkpointing (its transformers 5 name): TRL defaults it on; ours is off
+        activation_checkpointing=False,
         per_device_train_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=batch_size // args.micro_batch_size,
         learning_rate=args.learning_rate,
@@ -544,7 +555,8 @@ def main(args) -> None:
             trl_side = run_trl(work, args, log_dir)
             if trl_side["torch_threads"] != machine["torch_threads"]:
                 print(
-                    f"warning: TRL ran with {trl_side['torch_threads']} torch threads, our scripts with {machine['torch_threads']}",
+                    f"warning: TRL ran with {trl_side['torch_threads']} torch threads, "
+                    f"our scripts with {machine['torch_threads']}",
                     flush=True,
                 )
         results.append(

@@ -87,7 +87,8 @@ def main(args: Args) -> None:
             pg_loss, _ = cmdp.policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, num_tokens)
             out = common.gradient_diagnostics({"pg": pg_loss, "kl": kl_term}, params)
             print(
-                f"| seed {seed} | {name} | {violated.float().mean():.2f} | {out['losses/pg_grad_norm']:.4f} | {out['losses/kl_grad_norm']:.4f} | "
+                f"| seed {seed} | {name} | {violated.float().mean():.2f} | "
+                f"{out['losses/pg_grad_norm']:.4f} | {out['losses/kl_grad_norm']:.4f} | "
                 f"{out['losses/cos_total_pg']:.3f} | {out['losses/cos_total_kl']:.3f} |",
                 flush=True,
             )

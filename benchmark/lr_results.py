@@ -46,7 +46,8 @@ def main(sweep: Path) -> None:
             cells[method, float(lr)].append(summary)
     order = ["cmdp", "grpo", "fixed1", "dual", "kd"]
     print(
-        "| method | learning rate | seeds | greedy accuracy, step 0 | greedy accuracy, last step | change | sampled reward, first 10 steps | sampled reward, last 10 steps | mean KL, last step | CSR at 0.05, last step |"
+        "| method | learning rate | seeds | greedy accuracy, step 0 | greedy accuracy, last step | change | "
+        "sampled reward, first 10 steps | sampled reward, last 10 steps | mean KL, last step | CSR at 0.05, last step |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (method, lr), runs in sorted(
@@ -55,7 +56,8 @@ def main(sweep: Path) -> None:
         get = lambda key: [r[key] for r in runs]  # noqa: E731
         change = [r["acc"] - r["acc0"] for r in runs]
         print(
-            f"| {method} | {lr:g} | {len(runs)} | {fmt(get('acc0'))} | {fmt(get('acc'))} | {np.mean(change):+.3f} (min {min(change):+.3f}) | "
+            f"| {method} | {lr:g} | {len(runs)} | {fmt(get('acc0'))} | {fmt(get('acc'))} | "
+            f"{np.mean(change):+.3f} (min {min(change):+.3f}) | "
             f"{fmt(get('reward0'))} | {fmt(get('reward'))} | {fmt(get('kl'))} | {fmt(get('csr'))} |"
         )
 

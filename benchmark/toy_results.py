@@ -131,13 +131,15 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
         lines += [
             f"### Budget {b} (CSR: fraction of responses with cost <= {b})",
             "",
-            "| method | seeds | greedy accuracy | sampled accuracy | greedy CSR | sampled CSR | greedy: correct and within budget | mean KL (greedy) | steps | train min/run |",
+            "| method | seeds | greedy accuracy | sampled accuracy | greedy CSR | sampled CSR | "
+            "greedy: correct and within budget | mean KL (greedy) | steps | train min/run |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, ev in reference.items():
             (g, gc), (s, sc) = ev["greedy"], ev["sampled"]
             lines.append(
-                f"| {name} (reference) | - | {g['accuracy']:.3f} | {s['accuracy']:.3f} | {np.mean(gc <= b):.3f} | {np.mean(sc <= b):.3f} | "
+                f"| {name} (reference) | - | {g['accuracy']:.3f} | {s['accuracy']:.3f} | "
+                f"{np.mean(gc <= b):.3f} | {np.mean(sc <= b):.3f} | "
                 f"{np.mean((gc <= b) & g_correct[name]):.3f} | {g['mean_kl']:.3f} | - | - |"
             )
         for name in names:
@@ -146,9 +148,13 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
             rs = runs[name]
             own = own_budget[name] == b
             lines.append(
-                f"| {name} | {len(rs)} | {cell([r['greedy'][0]['accuracy'] for r in rs])} | {cell([r['sampled'][0]['accuracy'] for r in rs])} | "
-                f"{cell([np.mean(r['greedy'][1] <= b) for r in rs], bold=own)} | {cell([np.mean(r['sampled'][1] <= b) for r in rs], bold=own)} | "
-                f"{cell([np.mean((r['greedy'][1] <= b) & r['correct']) for r in rs])} | {cell([r['greedy'][0]['mean_kl'] for r in rs])} | {rs[0]['args']['num_steps']} | {np.mean([train_minutes(r) for r in rs]):.1f} |"
+                f"| {name} | {len(rs)} | {cell([r['greedy'][0]['accuracy'] for r in rs])} | "
+                f"{cell([r['sampled'][0]['accuracy'] for r in rs])} | "
+                f"{cell([np.mean(r['greedy'][1] <= b) for r in rs], bold=own)} | "
+                f"{cell([np.mean(r['sampled'][1] <= b) for r in rs], bold=own)} | "
+                f"{cell([np.mean((r['greedy'][1] <= b) & r['correct']) for r in rs])} | "
+                f"{cell([r['greedy'][0]['mean_kl'] for r in rs])} | {rs[0]['args']['num_steps']} | "
+                f"{np.mean([train_minutes(r) for r in rs]):.1f} |"
             )
         lines.append("")
     # where reward and teacher disagree: the problems with a "sells" step (greedy responses, each run's own budget)
@@ -156,7 +162,8 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
         f'### Greedy responses on the {sells.sum()} problems with a "sells" step and on the {(~sells).sum()} others '
         f"(CSR at the run's own budget; budget-free runs at {DEFAULT_BUDGET})",
         "",
-        "| method | accuracy, sells | accuracy, others | CSR, sells | CSR, others | median cost, sells | median cost, others |",
+        "| method | accuracy, sells | accuracy, others | CSR, sells | CSR, others | "
+        "median cost, sells | median cost, others |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in ["student", *names]:

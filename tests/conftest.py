@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny toy build (seconds) whose tokenizer, models and data stand in for real ones."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,19 @@ def run_script(*argv: str, cwd: Path, timeout: int = 600) -> subprocess.Complete
     return proc
 
 
+def run_distributed(argv: list[str], cwd: Path, nproc: int) -> subprocess.CompletedProcess:
+    """A script as a user runs it: plain python for one process, torchrun --standalone for several."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float order in both runs (torchrun's default too)
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
+    return subprocess.run(
+        [*launcher, str(ROOT / argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+    )
+
+
 def tiny_run_args(script: str, toy: Path, out: Path, *extra: str) -> list[str]:
     """Command line of a training script on the tiny toy build: 2 prompts x 4 responses, 12 new tokens."""
     return [
@@ -76,3 +90,33 @@ def tiny_run_args(script: str, toy: Path, out: Path, *extra: str) -> list[str]:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_without_and_with_checkpointing(toy: Path, tmp_path: Path, weights_file: str, *extra: str) -> dict:
+    """One step of cmdp_distill.py on the tiny toy build (learning rate 1e-3, no eval), without and with
+    --gradient-checkpointing: {"" or "--gradient-checkpointing": the tensors of checkpoint-1/weights_file}."""
+    import safetensors.torch
+
+    weights = {}
+    for flag in ("", "--gradient-checkpointing"):
+        out = tmp_path / (flag or "plain")
+        proc = run_script(
+            *tiny_run_args(
+                "cmdp_distill.py",
+                toy,
+                out,
+                "--num-steps",
+                "1",
+                "--eval-interval",
+                "0",
+                "--learning-rate",
+                "1e-3",
+                *extra,
+                *([flag] if flag else []),
+            ),
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run_dir,) = out.iterdir()
+        weights[flag] = safetensors.torch.load_file(run_dir / "checkpoint-1" / weights_file)
+    return weights

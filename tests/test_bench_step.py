@@ -141,7 +141,8 @@ def test_missing_trl_exits_with_the_install_command(monkeypatch):
 def test_importing_the_benchmark_imports_neither_trl_nor_torch():
     code = (
         f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', {str(BENCH)!r}); "
-        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); print('trl' in sys.modules, 'torch' in sys.modules)"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+        "print('trl' in sys.modules, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

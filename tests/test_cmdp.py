@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cmdp_distill as cmdp
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_script, step_without_and_with_checkpointing
 from conftest import tiny_run_args as conftest_tiny_run_args
 
 
@@ -401,26 +401,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_path):
     drop the KV cache, so the update's forward runs every prompt in full instead of sharing a group's prompt cache)."""
     import safetensors.torch
 
-    weights = {}
-    for flag in ("", "--gradient-checkpointing"):
-        out = tmp_path / (flag or "plain")
-        proc = run_script(
-            *tiny_run_args(
-                tiny_toy,
-                out,
-                "--num-steps",
-                "1",
-                "--eval-interval",
-                "0",
-                "--learning-rate",
-                "1e-3",
-                *([flag] if flag else []),
-            ),
-            cwd=tmp_path,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (run_dir,) = out.iterdir()
-        weights[flag] = safetensors.torch.load_file(run_dir / "checkpoint-1" / "model.safetensors")
+    weights = step_without_and_with_checkpointing(tiny_toy, tmp_path, "model.safetensors")
     start = safetensors.torch.load_file(tiny_toy / "student" / "model.safetensors")
     for name, plain in weights[""].items():
         assert (plain - start[name]).abs().max() > 0.5e-3, name  # the step moved every tensor (AdamW: by about lr)

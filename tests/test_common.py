@@ -79,7 +79,10 @@ def test_real_data_files_load():
 def test_plain_and_chat_prompts(tiny_toy):
     tokenizer = common.load_tokenizer(str(tiny_toy / "student"))
     assert common.render_prompt(tokenizer, "Q?") == "Question: Q?\nAnswer:"
-    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     assert common.render_prompt(tokenizer, "Q?") == f"<system>{common.SYSTEM_PROMPT}<user>Q?<assistant>"
 
 

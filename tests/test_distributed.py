@@ -1,33 +1,17 @@
 """Data parallelism with torchrun on CPU (gloo): two ranks give the one-process update, and one set of outputs."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, tiny_run_args
+from conftest import read_metrics, run_distributed, tiny_run_args
 
 SCRIPTS = ("cmdp_distill.py", "lagrangian_distill.py")
 METHOD_KEYS = {
     "cmdp_distill.py": ("train/modified_reward", "losses/explicit_cost_loss"),
     "lagrangian_distill.py": ("train/lagrangian", "losses/lagrangian_penalty"),
 }
-
-
-def run(argv: list[str], cwd, nproc: int) -> subprocess.CompletedProcess:
-    """A script as a user runs it: plain python for one process, torchrun --standalone for several."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float order in both runs (torchrun's default too)
-    launcher = (
-        [sys.executable]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    )
-    return subprocess.run(
-        [*launcher, str(ROOT / argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
-    )
 
 
 @pytest.mark.slow
@@ -42,7 +26,7 @@ def test_two_ranks_update_like_one_process_on_the_whole_batch(tiny_toy, tmp_path
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"
         # 4 prompts x 4 responses, micro-batches of 4: each rank holds 2 whole groups
-        proc = run(
+        proc = run_distributed(
             tiny_run_args(
                 script,
                 tiny_toy,
@@ -95,7 +79,7 @@ def test_torchrun_two_steps_one_set_of_logs_and_a_resumable_checkpoint(tiny_toy,
     import common
 
     out = tmp_path / "runs"
-    proc = run(
+    proc = run_distributed(
         tiny_run_args(script, tiny_toy, out, "--num-steps", "2", "--save-interval", "1", "--eval-interval", "0"),
         tmp_path,
         2,
@@ -107,7 +91,7 @@ def test_torchrun_two_steps_one_set_of_logs_and_a_resumable_checkpoint(tiny_toy,
     assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 2 * 4
     model = common.load_model(str(run_dir / "checkpoint-2"), torch.device("cpu"), torch.float32)
     assert model.config.model_type == "llama" and common.load_trainer_state(run_dir / "checkpoint-2")["step"] == 2
-    proc = run(
+    proc = run_distributed(
         tiny_run_args(
             script, tiny_toy, out, "--num-steps", "3", "--eval-interval", "0", "--resume", str(run_dir / "checkpoint-2")
         ),

@@ -129,7 +129,8 @@ def test_verdicts_on_2000_realistic_responses():
 KNOWN_DISAGREEMENTS = {
     "test_all::test_number_extraction:65": "'1 000' (a space between thousands) is LaTeX for 1 * 000; Math-Verify's "
     "expression path reads it, but that path evals model text",
-    "test_all::test_number_extraction:70": "'1000,99' (a decimal comma): here a comma separates thousands or list items",
+    "test_all::test_number_extraction:70": "'1000,99' (a decimal comma): here a comma separates thousands "
+    "or list items",
     "test_all::test_number_extraction:71": "'1,22' (a decimal comma, in the gold): as above",
     "test_numina_cases::test_numina_cases:121": "the gold is an unclosed \\\\boxed{ with doubled backslashes",
     "hendrycks::test_order": "convention: a comma-separated answer is a set (as in Math-Verify); Hendrycks' string "
@@ -137,7 +138,8 @@ KNOWN_DISAGREEMENTS = {
     "hendrycks::test_decimals": "the same convention: '0.1, 4, 2' and '4, .1, 2' are the same set",
     "prm800k::unreduced_fraction": "convention: equal values are equal; PRM800K rejects an unreduced fraction (2/4)",
     "prm800k::integer_needs_exact_form": "convention: equal values are equal; PRM800K wants an integer written as one",
-    "prm800k::mixed_number": "'7 3/4' is LaTeX for 7 * 3/4; PRM800K reads it as a mixed number (7\\frac{3}{4} is read as one)",
+    "prm800k::mixed_number": "'7 3/4' is LaTeX for 7 * 3/4; PRM800K reads it as a mixed number "
+    "(7\\frac{3}{4} is read as one)",
 }
 
 
@@ -150,7 +152,8 @@ def test_public_cases_agreement():
     disagreements = {c["id"] for c in disagreements if is_correct(c["response"], c["gold"]) is not c["expected"]}
     agreement = len(CASES) - len(disagreements)
     print(
-        f"\npublic cases: {agreement}/{len(CASES)} ({100 * agreement / len(CASES):.1f}%) agree with the expected verdict"
+        f"\npublic cases: {agreement}/{len(CASES)} ({100 * agreement / len(CASES):.1f}%) "
+        "agree with the expected verdict"
     )
     assert disagreements == set(KNOWN_DISAGREEMENTS)
     assert agreement / len(CASES) >= 0.97
@@ -177,7 +180,10 @@ def test_no_marker_no_reward():
 
 
 def test_a_markdown_heading_is_no_answer():
-    response = "#### Step 1: Costs\nShe pays 4 * 3 = 12.\n#### Step 2: Revenue\nShe earns 30, so 30 - 12 = 18.\nThe answer is 18."
+    response = (
+        "#### Step 1: Costs\nShe pays 4 * 3 = 12.\n"
+        "#### Step 2: Revenue\nShe earns 30, so 30 - 12 = 18.\nThe answer is 18."
+    )
     assert extract_answer(response) == "18" and is_correct(response, "18")
     assert extract_answer("#### Step 2: Revenue\nShe earns 30.") is None
     assert extract_answer("#### 1. Costs\nShe pays 12.") is None  # a numbered heading

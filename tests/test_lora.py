@@ -4,13 +4,11 @@ and SmolLM2-135M's first 2 layers when its GGUF file is installed (tests/test_re
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_script, tiny_run_args
+from conftest import read_metrics, run_distributed, run_script, step_without_and_with_checkpointing, tiny_run_args
 
 pytest.importorskip("peft", reason="LoRA needs PEFT: pip install -r requirements-lora.txt")
 
@@ -194,11 +192,6 @@ def test_lora_two_ranks_update_like_one_process(tiny_toy, tmp_path):
     weights = {}
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"
-        launcher = (
-            [sys.executable]
-            if nproc == 1
-            else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        )
         argv = tiny_run_args(
             "cmdp_distill.py",
             tiny_toy,
@@ -216,14 +209,7 @@ def test_lora_two_ranks_update_like_one_process(tiny_toy, tmp_path):
             "--lora-rank",
             "4",
         )
-        proc = subprocess.run(
-            [*launcher, str(ROOT / argv[0]), *argv[1:]],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        proc = run_distributed(argv, tmp_path, nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
         (run_dir,) = out.iterdir()
         weights[nproc] = safetensors.torch.load_file(run_dir / "checkpoint-1" / "adapter_model.safetensors")
@@ -235,31 +221,7 @@ def test_lora_two_ranks_update_like_one_process(tiny_toy, tmp_path):
 @pytest.mark.slow
 def test_lora_with_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_path):
     """Checkpointed layers with frozen base weights: the adapters still get their gradient, the same as without."""
-    import safetensors.torch
-
-    weights = {}
-    for flag in ("", "--gradient-checkpointing"):
-        out = tmp_path / (flag or "plain")
-        proc = run_script(
-            *tiny_run_args(
-                "cmdp_distill.py",
-                tiny_toy,
-                out,
-                "--num-steps",
-                "1",
-                "--eval-interval",
-                "0",
-                "--learning-rate",
-                "1e-3",
-                "--lora-rank",
-                "4",
-                *([flag] if flag else []),
-            ),
-            cwd=tmp_path,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (run_dir,) = out.iterdir()
-        weights[flag] = safetensors.torch.load_file(run_dir / "checkpoint-1" / "adapter_model.safetensors")
+    weights = step_without_and_with_checkpointing(tiny_toy, tmp_path, "adapter_model.safetensors", "--lora-rank", "4")
     assert any(".lora_B." in n and w.abs().max() > 0 for n, w in weights[""].items())
     for name, plain in weights[""].items():
         torch.testing.assert_close(weights["--gradient-checkpointing"][name], plain, atol=1e-6, rtol=0)

@@ -216,7 +216,8 @@ def test_rwr_pipeline_with_a_scripted_judge(tmp_path, monkeypatch):
             texts.append(
                 "I am not sure"
                 if "Ann has 3 apples" in prompt and not texts
-                else f"Solution {'1' if 'we add' in first else '2'} shows its work.\n**Verdict: {'1' if 'we add' in first else '2'}**"
+                else f"Solution {'1' if 'we add' in first else '2'} shows its work.\n"
+                f"**Verdict: {'1' if 'we add' in first else '2'}**"
             )
             pairs.append(([], [len(texts) - 1, 0]))
         return pairs
@@ -345,7 +346,8 @@ def test_rwr_with_smollm2_judge_on_ten_problems(tmp_path):
     """A real (weak) judge on 10 hand-written pairs: A shows its work and is right, B guesses wrong. The
     pipeline is checked (files, counts, rates), not the verdicts of a 135M model."""
     good = [
-        f"She starts with {q.split()[2]} apples and buys {q.split()[6]} more, so {q.split()[2]} + {q.split()[6]} = {g}. The answer is {g}."
+        f"She starts with {q.split()[2]} apples and buys {q.split()[6]} more, "
+        f"so {q.split()[2]} + {q.split()[6]} = {g}. The answer is {g}."
         for q, g in zip(QUESTIONS, GOLDS)
     ]
     bad = [f"The answer is {int(g) + 3}." for g in GOLDS]

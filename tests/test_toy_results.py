@@ -98,8 +98,8 @@ def test_tables_from_a_fake_sweep(tmp_path):
     # 0.75 and 0.25, sampled 0.25 and 0.75; greedy correct and within 0.05: 2 and 1 of 4; mean KL 0.07 and 0.05;
     # 3 x 10 s per step for 4 steps = 2 minutes
     assert (
-        rows[2]
-        == "| cmdp_d0.05 | 2 | 0.625 ± 0.125 | 0.375 ± 0.125 | **0.500 ± 0.250** | **0.500 ± 0.250** | 0.375 ± 0.125 | 0.060 ± 0.010 | 4 | 2.0 |"
+        rows[2] == "| cmdp_d0.05 | 2 | 0.625 ± 0.125 | 0.375 ± 0.125 | **0.500 ± 0.250** | **0.500 ± 0.250** | "
+        "0.375 ± 0.125 | 0.060 ± 0.010 | 4 | 2.0 |"
     )
     assert (
         rows[3] == "| fixed_l0.1 | 1 | 1.000 | 1.000 | 0.000 | 0.000 | 0.000 | 0.500 | 4 | 2.0 |"
@@ -116,7 +116,10 @@ def test_tables_from_a_fake_sweep(tmp_path):
     rows = [line for line in blocks[2].splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert rows == [
         "| student (reference) | 0.000 | 0.333 | 0.000 | 0.667 | 0.210 | 0.030 |",
-        "| cmdp_d0.05 | 0.000 ± 0.000 | 0.833 ± 0.167 | 0.000 ± 0.000 | 0.667 ± 0.333 | 0.145 ± 0.075 | 0.035 ± 0.025 |",
+        (
+            "| cmdp_d0.05 | 0.000 ± 0.000 | 0.833 ± 0.167 | 0.000 ± 0.000 | 0.667 ± 0.333 | "
+            "0.145 ± 0.075 | 0.035 ± 0.025 |"
+        ),
         "| cmdp_d0.1 | 1.000 | 1.000 | 1.000 | 1.000 | 0.090 | 0.090 |",
         "| fixed_l0.1 | 1.000 | 1.000 | 0.000 | 0.000 | 0.500 | 0.500 |",
     ]
