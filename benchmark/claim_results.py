@@ -300,10 +300,13 @@ def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path
         print("plots skipped: pip install matplotlib==3.11.2")
         return
     fig, ax = plt.subplots(figsize=(7, 5))
-    markers = iter("osD^v<>")
+    markers, seen, lowest = iter("osD^v<>"), set(), 1.0
     for name, rs in sorted(runs.items()):
         ms = [metrics(r, budget) for r in rs]
-        xs, ys, colour, marker = [m["csr"] for m in ms], [m["acc"] for m in ms], COLOURS[family(name)], next(markers)
+        xs, ys, marker = [m["csr"] for m in ms], [m["acc"] for m in ms], next(markers)
+        colour = COLOURS[family(name)] if family(name) not in seen else "tab:purple"  # a family's second setting
+        seen.add(family(name))
+        lowest = min([lowest, *ys])
         ax.scatter(xs, ys, s=18, alpha=0.5, color=colour, marker=marker)
         ax.errorbar(
             np.mean(xs),
@@ -326,6 +329,8 @@ def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path
             label=f"{name} (reference)",
             zorder=5,
         )
+    lowest = min([lowest] + [ref["correct"].mean() for ref in refs.values()])
+    ax.set_ylim(lowest - 0.01, 1.005)
     ax.set_xlabel(f"CSR at d = {budget} (fraction of greedy responses with mean per-token KL <= d)")
     ax.set_ylabel("greedy accuracy (toy test split, 500 problems)")
     ax.set_title(
