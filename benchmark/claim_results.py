@@ -30,7 +30,7 @@ FAMILIES = {
     "fixed": "fixed lambda",
 }
 COLOURS = {"cmdp": "tab:blue", "cmdpsum": "tab:cyan", "dual": "tab:orange", "fixed": "tab:green"}
-TUNING_CHUNKS = ("tune-cmdp", "tune-lagrangian", "tune-d0.1")  # lr-ablation changes a setting no method tunes
+TUNING_CHUNKS = ("tune-cmdp", "tune-lagrangian", "tune-d0.1", "tune-d0.013")  # not lr-ablation: no method tunes lr
 TARGET_CSR, TARGET_ACC = 0.9, 0.95  # "reaches the budget without losing the reward": what a user would search for
 SETTLE_TOL = {"eval/accuracy": 0.03, "eval/csr": 0.05}  # in-run evals: 200 problems, standard error about 0.02-0.03
 
@@ -231,8 +231,8 @@ def main() -> None:
         "",
     ]
     lines += ablation(load(args.results, "val.jsonl", ("tune-cmdp", "lr-ablation")))
-    final = load(args.results, "test.jsonl")
-    if final:
+    finals = {float(d.name.removeprefix("final-d")): d.name for d in sorted(args.results.glob("final-d*"))}
+    if finals:
         test = Path("test.jsonl")  # the toy test split: built (if need be) only when its reference rows are missing
         if not all((RESULTS / "reference" / f"{name}__test.json").exists() for name in ("student", "teacher")):
             sys.path.insert(0, str(ROOT))
@@ -240,8 +240,9 @@ def main() -> None:
 
             test = Path(toy_math.resolve("toy", "test"))
         test_refs = {name: reference(test, name) for name in ("student", "teacher")}
-        lines += final_table(final, test_refs, 0.05)
-        plot_final(final, test_refs, 0.05, args.out)
+        for budget, chunk in sorted(finals.items(), key=lambda kv: kv[0] != 0.05):  # the default budget first
+            lines += final_table(load(args.results, "test.jsonl", (chunk,)), test_refs, budget)
+            plot_final(load(args.results, "test.jsonl", (chunk,)), test_refs, budget, args.out)
     table = "\n".join(lines)
     print(table)
     (args.results / "tables.md").write_text(table + "\n")

@@ -17,11 +17,13 @@ every run of every chunk trains on the remaining 19,500, so the split is the sam
     python benchmark/claim_sweep.py run tune-cmdp --jobs 2     # run it (re-run to resume)
 
 Chunks: tune-cmdp (14 runs: n x advantage normalisation x beta, and the sum form), tune-lagrangian (14: fixed lambda
-on a log grid, dual ascent step size x starting lambda), all at d = 0.05, tune-d0.1 (12: CMDP n in {5, 20} x
-normalisation and the sum form, dual ascent's grid, at d = 0.1) and lr-ablation (2: the paper's CMDP setting at a
-third and three times the learning rate), on the validation split with seed 1; final-d0.05 (20: each method's setting
-chosen on validation, and the paper's CMDP setting, seeds 1-5, evaluated on the toy test split). A run whose seed-1
-training already exists in --out (the tuning run of the same name) is only evaluated on the new split.
+on a log grid, dual ascent step size x starting lambda), all at d = 0.05, tune-d0.1 and tune-d0.013 (12 each: CMDP n
+in {5, 20} x normalisation and the sum form, dual ascent's grid, at d = 0.1 and at the pilot's d = 0.013) and
+lr-ablation (2: the paper's CMDP setting at a third and three times the learning rate), on the validation split with
+seed 1; final-d0.05 (20: each method's setting chosen on validation, and the paper's CMDP setting, seeds 1-5,
+evaluated on the toy test split), and final-d0.1 / final-d0.013 (the same from the settings that
+benchmark/claim_results.py chose at that budget, in benchmark/results/claim/chosen.json). A run whose seed-1 training
+already exists in --out (the tuning run of the same name) is only evaluated on the new split.
 
     python benchmark/claim_sweep.py run final-d0.05 --seeds 2 3 4 5 --jobs 16 --extra "--device cuda --dtype float32"
 """
@@ -100,7 +102,7 @@ FIRST = (
 # each method's setting chosen on the validation split at d = 0.05 (benchmark/results/claim/chosen.json), and the
 # paper's CMDP setting
 FINAL = ("cmdp_n1_centred_b1", "cmdp_n20_centred_b1", "fixed_l0.5", "dual_eta100_l0")
-TEST_CHUNKS = ("final-d0.05",)
+OTHER_BUDGETS = ("0.1", "0.013")  # twice the default, and the pilot's (docs/results.md, "Choosing the budget")
 
 
 def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
@@ -110,16 +112,30 @@ def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
     elif chunk == "tune-lagrangian":  # fixed lambda is budget-free: its front at every budget comes from these runs
         runs = [(f"fixed_l{lam}", 1, f"lagrangian_distill.py --method fixed --lambda-init {lam}") for lam in LAMBDAS]
         runs += dual_grid(0.05)
-    elif chunk == "tune-d0.1":
-        runs = cmdp_grid(0.1, penalties=("5", "20"), betas=("1",)) + dual_grid(0.1)
+    elif chunk.removeprefix("tune-d") in OTHER_BUDGETS:
+        budget = float(chunk.removeprefix("tune-d"))
+        runs = cmdp_grid(budget, penalties=("5", "20"), betas=("1",)) + dual_grid(budget)
     elif chunk == "lr-ablation":
         method = dict((name, m) for name, _, m in cmdp_grid(0.05))["cmdp_n20_centred_b1"]
         runs = [(f"cmdp_n20_centred_b1_lr{lr}", 1, f"{method} --learning-rate {lr}") for lr in LRS]
     elif chunk == "final-d0.05":
         tuned = {name: method for name, _, method in chunk_runs("tune-cmdp") + chunk_runs("tune-lagrangian")}
-        runs = [(name, seed, tuned[name]) for seed in range(1, 6) for name in FINAL]
+        return [(name, seed, tuned[name]) for seed in range(1, 6) for name in FINAL]  # seed by seed
+    elif chunk.removeprefix("final-d") in OTHER_BUDGETS:
+        budget = chunk.removeprefix("final-d")
+        chosen = json.loads((RESULTS / "chosen.json").read_text()).get(budget, {}) if RESULTS.exists() else {}
+        tuned = {name: method for name, _, method in chunk_runs(f"tune-d{budget}") + chunk_runs("tune-lagrangian")}
+        if not all(f in chosen for f in ("cmdp", "dual", "fixed")):
+            raise SystemExit(
+                f"{chunk}: no settings chosen at d = {budget} yet; run tune-d{budget}, then benchmark/claim_results.py."
+            )
+        names = list(dict.fromkeys([*chosen.values(), f"cmdp_n20_centred_b1_d{budget}"]))
+        return [(name, seed, tuned[name]) for seed in range(1, 6) for name in names]
     else:
-        raise SystemExit(f"unknown chunk {chunk!r}: tune-cmdp, tune-lagrangian, tune-d0.1, lr-ablation or final-d0.05.")
+        raise SystemExit(
+            f"unknown chunk {chunk!r}: tune-cmdp, tune-lagrangian, tune-d0.1, tune-d0.013, lr-ablation, final-d0.05, "
+            "final-d0.1 or final-d0.013."
+        )
     return sorted(runs, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST))
 
 
@@ -280,7 +296,7 @@ def main() -> None:
         [sys.executable, "toy_math.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL
     )  # build once, first
     train, val = split_data(out)
-    if args.chunk in TEST_CHUNKS:
+    if args.chunk.startswith("final-"):
         sys.path.insert(0, str(ROOT))
         import toy_math
 
