@@ -179,12 +179,7 @@ def main() -> None:
             "| median grad norm, PG / cost term |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for name, ref in refs.items():
-            within = ref["mean_kl"] <= budget
-            lines.append(
-                f"| {name} (reference) | - | - | {ref['correct'].mean():.3f} | {within.mean():.3f} | "
-                f"{(within & (ref['correct'] > 0)).mean():.3f} | {ref['mean_kl'].mean():.3f} | - | - |"
-            )
+        lines += [reference_row(name, ref, budget, 2, 2) for name, ref in refs.items()]
         rows = []
         for name, rs in sorted(runs.items(), key=lambda kv: (list(FAMILIES).index(family(kv[0])), kv[0])):
             trained = own_budget(rs[0])
@@ -278,12 +273,7 @@ def final_table(runs: dict[str, list[dict]], refs: dict, budget: float) -> list[
         "| method, setting | seeds | accuracy | CSR | correct and within | mean KL | per seed: correct and within |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, ref in refs.items():
-        within = ref["mean_kl"] <= budget
-        lines.append(
-            f"| {name} (reference) | - | {ref['correct'].mean():.3f} | {within.mean():.3f} | "
-            f"{(within & (ref['correct'] > 0)).mean():.3f} | {ref['mean_kl'].mean():.3f} | - |"
-        )
+    lines += [reference_row(name, ref, budget, 1, 1) for name, ref in refs.items()]
     for name, rs in sorted(runs.items(), key=lambda kv: (list(FAMILIES).index(family(kv[0])), kv[0])):
         ms = [metrics(r, budget) for r in sorted(rs, key=lambda r: r["seed"])]
         get = lambda k: [m[k] for m in ms]  # noqa: E731
@@ -294,7 +284,8 @@ def final_table(runs: dict[str, list[dict]], refs: dict, budget: float) -> list[
     return lines + [""]
 
 
-def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path) -> None:
+def pyplot():
+    """matplotlib.pyplot (headless), or None with a note when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -302,6 +293,46 @@ def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path
         import matplotlib.pyplot as plt
     except ImportError:
         print("plots skipped: pip install matplotlib==3.11.2")
+        return None
+    return plt
+
+
+def reference_row(name: str, ref: dict, budget: float, blanks_before: int, blanks_after: int) -> str:
+    """A table row for the starting student or the teacher: accuracy, CSR, correct and within, mean KL."""
+    within = ref["mean_kl"] <= budget
+    return (
+        f"| {name} (reference) |{' - |' * blanks_before} {ref['correct'].mean():.3f} | {within.mean():.3f} | "
+        f"{(within & (ref['correct'] > 0)).mean():.3f} | {ref['mean_kl'].mean():.3f} |{' - |' * blanks_after}"
+    )
+
+
+def plot_references(ax, refs: dict, budget: float) -> None:
+    for name, ref in refs.items():
+        ax.scatter(
+            [(ref["mean_kl"] <= budget).mean()],
+            [ref["correct"].mean()],
+            marker="*",
+            s=180,
+            color="black" if name == "teacher" else "gray",
+            label=f"{name} (reference)",
+            zorder=5,
+        )
+
+
+def save(plt, fig, ax, budget: float, split: str, title: str, legend_size: int, legend_loc: str, path: Path) -> None:
+    ax.set_xlabel(f"CSR at d = {budget} (fraction of greedy responses with mean per-token KL <= d)")
+    ax.set_ylabel(f"greedy accuracy ({split}, 500 problems)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc=legend_loc)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path) -> None:
+    if (plt := pyplot()) is None:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
     markers, seen, lowest = iter("osD^v<>"), set(), 1.0
@@ -323,39 +354,15 @@ def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path
             capsize=3,
             label=f"{FAMILIES[family(name)]}, {name} ({len(ms)} seeds)",
         )
-    for name, ref in refs.items():
-        ax.scatter(
-            [(ref["mean_kl"] <= budget).mean()],
-            [ref["correct"].mean()],
-            marker="*",
-            s=180,
-            color="black" if name == "teacher" else "gray",
-            label=f"{name} (reference)",
-            zorder=5,
-        )
+    plot_references(ax, refs, budget)
     lowest = min([lowest] + [ref["correct"].mean() for ref in refs.values()])
     ax.set_ylim(lowest - 0.01, 1.005)
-    ax.set_xlabel(f"CSR at d = {budget} (fraction of greedy responses with mean per-token KL <= d)")
-    ax.set_ylabel("greedy accuracy (toy test split, 500 problems)")
-    ax.set_title(
-        f"Chosen settings on the test split, d = {budget}, 600 steps (small: seeds; large: mean ± std)", fontsize=9
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / f"claim_final_d{budget}.png", dpi=110)
-    plt.close(fig)
+    title = f"Chosen settings on the test split, d = {budget}, 600 steps (small: seeds; large: mean ± std)"
+    save(plt, fig, ax, budget, "toy test split", title, 7, "lower left", out / f"claim_final_d{budget}.png")
 
 
 def plot_front(budget: float, rows: list, refs: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plots skipped: pip install matplotlib==3.11.2")
+    if (plt := pyplot()) is None:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
     by_family = defaultdict(list)
@@ -393,16 +400,7 @@ def plot_front(budget: float, rows: list, refs: dict, out: Path) -> None:
                     textcoords="offset points",
                     color=COLOURS[f],
                 )
-    for name, ref in refs.items():
-        ax.scatter(
-            [(ref["mean_kl"] <= budget).mean()],
-            [ref["correct"].mean()],
-            marker="*",
-            s=180,
-            color="black" if name == "teacher" else "gray",
-            label=f"{name} (reference)",
-            zorder=5,
-        )
+    plot_references(ax, refs, budget)
     x0, y0 = 0.8, min([0.95] + [ref["correct"].mean() - 0.02 for ref in refs.values()])  # the region that matters
     off = [f"{name} ({x:.2f}, {y:.2f})" for points in by_family.values() for x, y, name in points if x < x0 or y < y0]
     off += [
@@ -423,17 +421,8 @@ def plot_front(budget: float, rows: list, refs: dict, out: Path) -> None:
         )
     ax.set_xlim(x0, 1.01)
     ax.set_ylim(y0, 1.005)
-    ax.set_xlabel(f"CSR at d = {budget} (fraction of greedy responses with mean per-token KL <= d)")
-    ax.set_ylabel("greedy accuracy (validation, 500 problems)")
-    ax.set_title(
-        f"Accuracy vs constraint satisfaction, d = {budget}, 600 steps (lines: each method's Pareto front)", fontsize=9
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / f"claim_fronts_d{budget}.png", dpi=110)
-    plt.close(fig)
+    title = f"Accuracy vs constraint satisfaction, d = {budget}, 600 steps (lines: each method's Pareto front)"
+    save(plt, fig, ax, budget, "validation", title, 8, "center left", out / f"claim_fronts_d{budget}.png")
 
 
 if __name__ == "__main__":
