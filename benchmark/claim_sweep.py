@@ -16,7 +16,7 @@ every run of every chunk trains on the remaining 19,500, so the split is the sam
     python benchmark/claim_sweep.py list tune-cmdp             # the chunk's runs as plain commands
     python benchmark/claim_sweep.py run tune-cmdp --jobs 2     # run it (re-run to resume)
 
-Chunks: tune-cmdp (14 runs: n x advantage normalisation x beta, and the sum form), tune-lagrangian (14: fixed lambda
+Chunks: tune-cmdp (14 runs: n x advantage normalisation x beta, and the sum form), tune-lagrangian (15: fixed lambda
 on a log grid, dual ascent step size x starting lambda), all at d = 0.05, tune-d0.1 and tune-d0.013 (12 each: CMDP n
 in {5, 20} x normalisation and the sum form, dual ascent's grid, at d = 0.1 and at the pilot's d = 0.013) and
 lr-ablation (2: the paper's CMDP setting at a third and three times the learning rate), on the validation split with
@@ -45,7 +45,7 @@ STEPS = 600
 NUM_VAL = 500
 MEAN_TOKENS = 19.5  # mean response tokens of the starting student (toy build report): d_sum = d x MEAN_TOKENS
 LRS = ("3e-05", "0.0003")  # the default is 1e-4
-LAMBDAS = ("0.01", "0.03", "0.1", "0.2", "0.3", "0.5", "1", "3")
+LAMBDAS = ("0.01", "0.03", "0.1", "0.2", "0.3", "0.5", "0.7", "1", "3")
 DUAL_LRS = ("1", "10", "100")
 DUAL_INITS = ("0", "1")
 
@@ -137,6 +137,14 @@ def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
             "final-d0.1 or final-d0.013."
         )
     return sorted(runs, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST))
+
+
+def select(chunk: str, seeds: list[int] | None = None, only: list[str] | None = None) -> list[tuple[str, int, str]]:
+    """The chunk's runs with these seeds and these names (None: all), in the chunk's order."""
+    runs = [r for r in chunk_runs(chunk) if seeds is None or r[1] in seeds]
+    if unknown := sorted(set(only or ()) - {name for name, _, _ in runs}):
+        raise SystemExit(f"--only: {', '.join(unknown)} not among {chunk}'s runs (`list {chunk}`).")
+    return [r for r in runs if only is None or r[0] in only]
 
 
 def split_data(out: Path) -> tuple[Path, Path]:
@@ -288,10 +296,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each when > 1)")
     parser.add_argument("--out", default="runs/claim", help="run folders, logs and the validation split")
     parser.add_argument("--seeds", type=int, nargs="+", help="only the chunk's runs with these seeds")
+    parser.add_argument("--only", nargs="+", metavar="RUN", help="only the chunk's runs of these names")
     parser.add_argument("--extra", default="", help="flags added to every training and evaluation command")
     args = parser.parse_args()
-    runs, out = chunk_runs(args.chunk), (ROOT / args.out).resolve()
-    runs = [r for r in runs if args.seeds is None or r[1] in args.seeds]
+    runs, out = select(args.chunk, args.seeds, args.only), (ROOT / args.out).resolve()
     subprocess.run(
         [sys.executable, "toy_math.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL
     )  # build once, first

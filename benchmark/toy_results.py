@@ -241,7 +241,7 @@ def main(sweep: Path, docs: Path = ROOT / "docs") -> None:
             ax.set_xlabel(f"CSR (fraction of responses with cost <= {b})")
             ax.set_ylabel(f"{decoding} accuracy, 500 toy test problems")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=6, loc="lower left")
+            ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(docs / "accuracy_vs_csr.png", dpi=100)
 

@@ -43,6 +43,19 @@ def test_grids_are_the_issue_sizes():
     assert [m.split("--learning-rate ")[1] for m in lrs] == list(sweep.LRS)
 
 
+def test_select_filters_by_seed_and_name_and_refuses_unknown_names():
+    runs = sweep.select("final-d0.05", seeds=[2, 3], only=["fixed_l0.5", "cmdp_n1_centred_b1"])
+    assert [(name, seed) for name, seed, _ in runs] == [
+        ("cmdp_n1_centred_b1", 2),
+        ("fixed_l0.5", 2),
+        ("cmdp_n1_centred_b1", 3),
+        ("fixed_l0.5", 3),
+    ]  # the chunk's order (seed by seed), not the order given
+    assert sweep.select("tune-cmdp") == sweep.chunk_runs("tune-cmdp")
+    with pytest.raises(SystemExit, match="fixed_l9 not among tune-lagrangian's runs"):
+        sweep.select("tune-lagrangian", only=["fixed_l0.5", "fixed_l9"])
+
+
 def test_a_run_locked_by_a_live_driver_is_skipped_and_a_stale_lock_is_taken(tmp_path):
     assert sweep.take_lock(tmp_path, "cmdp_x", 1)
     assert (tmp_path / "locks" / "cmdp_x__1").read_text() == str(os.getpid())
