@@ -358,7 +358,7 @@ def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path
     lowest = min([lowest] + [ref["correct"].mean() for ref in refs.values()])
     ax.set_ylim(lowest - 0.01, 1.005)
     title = f"Chosen settings on the test split, d = {budget}, 600 steps (small: seeds; large: mean ± std)"
-    save(plt, fig, ax, budget, "toy test split", title, 7, "lower left", out / f"claim_final_d{budget}.png")
+    save(plt, fig, ax, budget, "toy test split", title, 7, "center left", out / f"claim_final_d{budget}.png")
 
 
 def plot_front(budget: float, rows: list, refs: dict, out: Path) -> None:
