@@ -236,8 +236,9 @@ def main() -> None:
             test = Path(toy_math.resolve("toy", "test"))
         test_refs = {name: reference(test, name) for name in ("student", "teacher")}
         for budget, chunk in sorted(finals.items(), key=lambda kv: kv[0] != 0.05):  # the default budget first
-            lines += final_table(load(args.results, "test.jsonl", (chunk,)), test_refs, budget)
-            plot_final(load(args.results, "test.jsonl", (chunk,)), test_refs, budget, args.out)
+            final = load(args.results, "test.jsonl", (chunk,))
+            lines += final_table(final, test_refs, budget)
+            plot_final(final, test_refs, budget, args.out)
     table = "\n".join(lines)
     print(table)
     (args.results / "tables.md").write_text(table + "\n")
