@@ -8,10 +8,11 @@ definitions in docs/method.md. The teacher only scores the student's own tokens.
     phi(y) = cost(y):  sum_t c_t (--constraint sum, the paper's) | 1/T sum_t c_t (mean) | max prefix mean (prefix)
     R~(x, y) = R(x, y)  if phi(y) <= d,  else -(n + phi(y))                     modified reward, n = --penalty
     A_i = R~_i - mean_group(R~)                                                 group-relative advantage
-    loss = -1/|tokens| sum_{i,t} A_i log pi_theta(y_it|s_it)                    (I)  policy gradient, R~ detached
-           + beta * 1/B sum_{i: phi(y_i) > d} phi(y_i)                          (II) explicit grad of phi on violators
+    loss = -1/N sum_{i,t} A_i log pi_theta(y_it|s_it)                           (I)  policy gradient, R~ detached
+           + beta * 1/N sum_{i: phi(y_i) > d} phi(y_i)                          (II) explicit grad of phi on violators
+    N: the step's response tokens, in both terms, so loss = B/N x -grad J_n estimated over the B responses, any lengths
 Choices where the paper is silent (ours, docs/method.md#choices-where-the-paper-is-silent), each with its flag:
-1. phi(y) is the response's own cost; beta = --explicit-coef (1: the paper's form; 0: policy gradient only).
+1. phi(y) is the response's own cost; beta = --explicit-coef (1: the paper's weighting; 0: policy gradient only).
 2. The budget bounds the mean per-token KL, in nats/token (--constraint mean, the default); sum: nats per response.
 3. Advantages centred per group, not divided by its std (--norm-adv-std); no reference-model KL term.
 4. Learning rate, batch and steps from a measured sweep on the toy task (docs/results.md#choosing-the-learning-rate).
@@ -109,7 +110,7 @@ class Args:
     learning_rate: float = 1e-4
     """AdamW learning rate (constant); the toy task's, from a measured sweep (docs/results.md); ~1e-6 for 1.5B models"""
     max_grad_norm: float = 1.0
-    """gradient clipping by global norm"""
+    """gradient clipping by global L2 norm; 0 = no clipping"""
     update_epochs: int = 1
     """optimizer steps on each batch; > 1 reuses it with the PPO-clipped ratio"""
     clip_coef: float = 0.2
@@ -134,26 +135,34 @@ class Args:
     penalty: float = 20.0
     """n >= 0: a violating response's reward is -(n + phi(y)) (the paper uses 20; R is in {0, 1})"""
     explicit_coef: float = 1.0
-    """beta >= 0: weight of term (II), the explicit gradient of phi on violators, each weighted 1/B (1 = the paper)"""
+    """beta >= 0: weight of term (II), the explicit gradient of phi on violators (1: the paper's weighting, the
+    derivative of J_n; 0: the policy gradient alone)"""
 
 
 # ALGO LOGIC: the method as pure functions
 def modified_rewards(rewards: torch.Tensor, costs: torch.Tensor, budget: float, penalty: float) -> torch.Tensor:
-    """The paper's modified reward (R,): R where phi(y) = cost <= d, -(n + phi(y)) where the budget is exceeded."""
-    return torch.where(costs <= budget, rewards, -(penalty + costs))
+    """The paper's modified reward (R,) float64: R where phi(y) = cost <= d, -(n + phi(y)) where the budget is exceeded.
+
+    float64, so that n + phi keeps every digit of phi: two violators' rewards differ by exactly their costs' difference.
+    """
+    return torch.where(costs <= budget, rewards.double(), -(penalty + costs.double()))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, norm_std: bool) -> torch.Tensor:
-    """A_i = R_i - mean of its group (R,), optionally / (group std + 1e-6); groups are consecutive rows."""
-    grouped = rewards.view(-1, group_size)
+    """A_i = R_i - mean of its group (R,) float32, optionally / (group std + 1e-6); groups are consecutive rows.
+
+    Computed in float64: a group of equal rewards gets exactly 0 (in float32 the mean of eight -(20 + 0.0612) lands a
+    rounding step off, and dividing by a std of ~1e-6 turns that into +-1), and a tiny spread keeps its true shape.
+    """
+    grouped = rewards.double().view(-1, group_size)
     advantages = grouped - grouped.mean(1, keepdim=True)
     if norm_std:
         advantages = advantages / (grouped.std(1, keepdim=True) + 1e-6)
-    return advantages.view(-1)
+    return advantages.view(-1).float()
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef: float, num_tokens: int):
-    """Term (I): token-level clipped policy-gradient loss summed over (M, T), divided by the step's token count.
+    """Token-level clipped policy-gradient loss summed over (M, T), divided by N, the step's response tokens.
 
     With logprobs == old_logprobs (first epoch) the ratio is 1 and the gradient is -A_i grad log pi.
     Returns (loss, number of clipped tokens).
@@ -166,12 +175,15 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef: float, num_
     return loss, ((clipped > unclipped).to(mask.dtype) * mask).sum()
 
 
-def explicit_cost_loss(phi: torch.Tensor, violated: torch.Tensor, batch_size: int, coef: float) -> torch.Tensor:
-    """Term (II): beta * 1/B sum over violating responses of phi(y) (M,), differentiable, teacher detached.
+def explicit_cost_loss(phi: torch.Tensor, violated: torch.Tensor, num_tokens: int, coef: float) -> torch.Tensor:
+    """Term (II): beta * 1/N sum over violating responses of phi(y) (M,), differentiable, teacher detached.
 
-    Each violator weighs 1/B (B: all responses of the step), so the term fades as violations become rare.
+    Divided by N, the step's response tokens, as the policy-gradient term (I) is: (I) + (II) is then B/N times the
+    derivative of J_n estimated over the step's B responses, -1/B [sum_i A_i sum_t grad log pi(y_it) - sum_{i
+    violating} grad phi(y_i)], at every response length, and beta = 1 is the paper's weighting. Each violator counts
+    once, so the term fades as violations become rare.
     """
-    return coef * (phi * violated.to(phi.dtype)).sum() / batch_size
+    return coef * (phi * violated.to(phi.dtype)).sum() / num_tokens
 
 
 # TRY NOT TO MODIFY: argument checks, data order, sampling, evaluation, run folder
@@ -439,13 +451,13 @@ def main(args: Args) -> Path | None:
                 mask, old_logprobs, mb_advantages = mb["response_mask"], mb["old_logprobs"], advantages[rows]
                 pg_loss, clipped = policy_loss(logprobs, old_logprobs, mb_advantages, mask, args.clip_coef, num_tokens)
                 phi = common.sequence_costs(kl, mask, args.constraint)  # (M,) differentiable
-                cost_loss = explicit_cost_loss(phi, violated[rows].to(device), B, args.explicit_coef)
+                cost_loss = explicit_cost_loss(phi, violated[rows].to(device), num_tokens, args.explicit_coef)
                 if epoch == j == rank == 0 and args.diagnostic_interval and step % args.diagnostic_interval == 0:
                     diagnostics = common.gradient_diagnostics({"pg": pg_loss, "kl": cost_loss}, params)
                 (pg_loss + cost_loss).backward()
                 totals += torch.tensor([pg_loss.item(), cost_loss.item(), clipped.item()], dtype=torch.float64)
             common.sync_gradients(student)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
             optimizer.step()
 
         # 5. log / eval / save (metrics over all ranks)

@@ -1156,7 +1156,7 @@ def offpolicy_kd_warmup(
             loss.backward()
             total += loss.item()
         sync_gradients(student)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm or float("inf"))
         optimizer.step()
         loss = all_reduce(torch.tensor(total)).item()
         if log is not None:

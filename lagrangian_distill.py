@@ -6,8 +6,9 @@ as cmdp_distill.py: `diff cmdp_distill.py lagrangian_distill.py` shows only the 
 
     c_t and cost(y) as in cmdp_distill.py (--constraint sum | mean | prefix)
     A_i = R_i - mean_group(R)                                         group-relative advantage of the task reward
-    loss = -1/|tokens| sum_{i,t} A_i log pi_theta(y_it|s_it)          policy gradient (none with --method kd)
-           + lambda * 1/B sum_i cost(y_i)                             differentiable penalty on every response
+    loss = -1/N sum_{i,t} A_i log pi_theta(y_it|s_it)                 policy gradient (none with --method kd)
+           + lambda * 1/N sum_i cost(y_i)                             differentiable penalty on every response
+    N: the step's response tokens, in both terms, so lambda weighs cost against reward at any response length
     dual ascent after each step: lambda <- max(0, lambda + eta * (mean_i cost(y_i) - d))      (--method dual only)
 This bounds the *mean* cost over responses, where the CMDP method bounds each response's: compare their CSR.
 Choices where the paper is silent (ours), each with its flag: the exact per-token reverse KL as in cmdp_distill.py;
@@ -108,7 +109,7 @@ class Args:
     learning_rate: float = 1e-4
     """AdamW learning rate (constant); the toy task's, from a measured sweep (docs/results.md); ~1e-6 for 1.5B models"""
     max_grad_norm: float = 1.0
-    """gradient clipping by global norm"""
+    """gradient clipping by global L2 norm; 0 = no clipping"""
     update_epochs: int = 1
     """optimizer steps on each batch; > 1 reuses it with the PPO-clipped ratio"""
     clip_coef: float = 0.2
@@ -156,16 +157,20 @@ def dual_update(lagrange_multiplier: float, mean_cost: float, budget: float, lr:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, norm_std: bool) -> torch.Tensor:
-    """A_i = R_i - mean of its group (R,), optionally / (group std + 1e-6); groups are consecutive rows."""
-    grouped = rewards.view(-1, group_size)
+    """A_i = R_i - mean of its group (R,) float32, optionally / (group std + 1e-6); groups are consecutive rows.
+
+    Computed in float64: a group of equal rewards gets exactly 0 (in float32 the mean of eight -(20 + 0.0612) lands a
+    rounding step off, and dividing by a std of ~1e-6 turns that into +-1), and a tiny spread keeps its true shape.
+    """
+    grouped = rewards.double().view(-1, group_size)
     advantages = grouped - grouped.mean(1, keepdim=True)
     if norm_std:
         advantages = advantages / (grouped.std(1, keepdim=True) + 1e-6)
-    return advantages.view(-1)
+    return advantages.view(-1).float()
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef: float, num_tokens: int):
-    """Term (I): token-level clipped policy-gradient loss summed over (M, T), divided by the step's token count.
+    """Token-level clipped policy-gradient loss summed over (M, T), divided by N, the step's response tokens.
 
     With logprobs == old_logprobs (first epoch) the ratio is 1 and the gradient is -A_i grad log pi.
     Returns (loss, number of clipped tokens).
@@ -178,9 +183,14 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef: float, num_
     return loss, ((clipped > unclipped).to(mask.dtype) * mask).sum()
 
 
-def lagrangian_penalty(costs: torch.Tensor, lagrange_multiplier: float, batch_size: int) -> torch.Tensor:
-    """lambda * 1/B sum_i cost(y_i) over every response, costs (M,) differentiable, teacher detached."""
-    return lagrange_multiplier * costs.sum() / batch_size
+def lagrangian_penalty(costs: torch.Tensor, lagrange_multiplier: float, num_tokens: int) -> torch.Tensor:
+    """lambda * 1/N sum_i cost(y_i) over every response, costs (M,) differentiable, teacher detached.
+
+    Divided by N, the step's response tokens, as the policy-gradient term is: the loss is then B/N times the
+    derivative of the step's mean of R(y) - lambda * cost(y), so lambda is in units of reward per unit of cost at every
+    response length (the penalty's gradient flows through the KL, not through the sampling: docs/method.md).
+    """
+    return lagrange_multiplier * costs.sum() / num_tokens
 
 
 # TRY NOT TO MODIFY: argument checks, data order, sampling, evaluation, run folder
@@ -449,13 +459,13 @@ def main(args: Args) -> Path | None:
                 mask, old_logprobs, mb_advantages = mb["response_mask"], mb["old_logprobs"], advantages[rows]
                 pg_loss, clipped = policy_loss(logprobs, old_logprobs, mb_advantages, mask, args.clip_coef, num_tokens)
                 costs = common.sequence_costs(kl, mask, args.constraint)  # (M,) differentiable
-                cost_loss = lagrangian_penalty(costs, lagrange_multiplier, B)
+                cost_loss = lagrangian_penalty(costs, lagrange_multiplier, num_tokens)
                 if epoch == j == rank == 0 and args.diagnostic_interval and step % args.diagnostic_interval == 0:
                     diagnostics = common.gradient_diagnostics({"pg": pg_loss, "kl": cost_loss}, params)
                 (pg_loss + cost_loss).backward()
                 totals += torch.tensor([pg_loss.item(), cost_loss.item(), clipped.item()], dtype=torch.float64)
             common.sync_gradients(student)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
             optimizer.step()
         costs = torch.cat([mb["cost"] for mb in micro_batches]).float().cpu()  # (R,) cost(y) before the update
         lagrangian = task_rewards - lagrange_multiplier * costs  # (R,) each response's Lagrangian, logged only

@@ -1,29 +1,29 @@
 """The fair test of the paper's claim on the toy task: every method's knob tuned alike, in resumable chunks.
 
-Each chunk is a list of training runs (600 steps, the default learning rate, in-run greedy evals every 50 steps)
-that this script runs JOBS at a time, one thread each. After each run it evaluates the final student greedily on all
-problems of the chunk's evaluation split and writes one compact result file,
-benchmark/results/claim/{chunk}/{run}__{seed}.json: the command, the in-run evals, the training record of every step
-with gradient diagnostics (every 10th: rewards, CSR, each loss term's gradient norm), the final eval summary, and
-per problem whether the answer was correct with its mean per-token KL and its summed KL, so that CSR at any budget
+Each chunk is a list of training runs (600 steps, the default learning rate, in-run greedy evals on the validation
+split every 50 steps) that this script runs JOBS at a time, one thread each. After each run it evaluates the final
+student greedily on all problems of the chunk's evaluation split and writes one compact result file,
+benchmark/results/claim/{chunk}/{run}__{seed}.json: the command, the commit, the in-run evals, the training record
+of every 10th step (rewards, CSR, each loss term's gradient norm), the final eval summary, and per problem whether
+the answer was correct, its mean per-token KL (full precision) and its length in tokens, so that CSR at any budget
 and either constraint form can be rebuilt without the checkpoints. A run whose result file exists is skipped; an
 interrupted run resumes from its last checkpoint (every 100 steps). Drivers in several shells can share a chunk (a
 lock file per run keeps them apart). benchmark/claim_results.py turns the result files into the tables and plots.
 
-Settings are chosen on a validation split: 500 problems held out of the toy training set (seeded), never trained on;
-every run of every chunk trains on the remaining 19,500, so the split is the same for tuning and final runs.
+Settings are chosen on a validation split: 500 problems held out of the toy training set (seeded) that no run of
+the sweep trains on (the toy build pretrained the student and the teacher on the whole training set, these
+problems included); every run trains on the remaining 19,500.
 
-    python benchmark/claim_sweep.py list tune-cmdp             # the chunk's runs as plain commands
-    python benchmark/claim_sweep.py run tune-cmdp --jobs 2     # run it (re-run to resume)
+    python benchmark/claim_sweep.py list tune-d0.05             # the chunk's runs as plain commands
+    python benchmark/claim_sweep.py run tune-d0.05 --jobs 2     # run it (re-run to resume)
 
-Chunks: tune-cmdp (14 runs: n x advantage normalisation x beta, and the sum form), tune-lagrangian (15: fixed lambda
-on a log grid, dual ascent step size x starting lambda), all at d = 0.05, tune-d0.1 and tune-d0.013 (12 each: CMDP n
-in {5, 20} x normalisation and the sum form, dual ascent's grid, at d = 0.1 and at the pilot's d = 0.013) and
-lr-ablation (2: the paper's CMDP setting at a third and three times the learning rate), on the validation split with
-seed 1; final-d0.05 (20: each method's setting chosen on validation, and the paper's CMDP setting, seeds 1-5,
-evaluated on the toy test split), and final-d0.1 / final-d0.013 (the same from the settings that
-benchmark/claim_results.py chose at that budget, in benchmark/results/claim/chosen.json). A run whose seed-1 training
-already exists in --out (the tuning run of the same name) is only evaluated on the new split.
+Chunks: tune-d0.05 (31 runs on the validation split, seed 1: CMDP's beta in {0.3, 1, 3, 10, 20} x n in {1, 20} with
+centred advantages, std-normalised advantages at beta 1 and 20, the sum form; fixed lambda on a grid of 9; dual
+ascent step size x starting lambda), lr-ablation (2: the paper's setting at a third and three times the learning
+rate), final-d0.05 / final-d0.1 / final-d0.013 (each method's setting that benchmark/claim_results.py chose on
+validation at that budget, benchmark/results/claim/chosen.json, and the paper's setting, seeds 1-5, evaluated on
+the toy test split). A run whose seed-1 training already exists in --out (the tuning run of the same name) is only
+evaluated on the new split.
 
     python benchmark/claim_sweep.py run final-d0.05 --seeds 2 3 4 5 --jobs 16 --extra "--device cuda --dtype float32"
 """
@@ -45,26 +45,38 @@ STEPS = 600
 NUM_VAL = 500
 MEAN_TOKENS = 19.5  # mean response tokens of the starting student (toy build report): d_sum = d x MEAN_TOKENS
 LRS = ("3e-05", "0.0003")  # the default is 1e-4
-LAMBDAS = ("0.01", "0.03", "0.1", "0.2", "0.3", "0.5", "0.7", "1", "3")
-DUAL_LRS = ("1", "10", "100")
-DUAL_INITS = ("0", "1")
+# beta, term (II)'s weight: 1 is the paper's (the derivative of J_n); ~20 (the mean response length) is the weight
+# (II) had in every run of the sweep before this grid, when it was divided by the step's responses, not its tokens
+BETAS = ("0.3", "1", "3", "10", "20")
+LAMBDAS = ("1", "3", "5", "7", "10", "14", "20", "30", "100")  # reward per unit of cost (nats per token)
+DUAL_LRS = ("10", "100", "1000")
+DUAL_INITS = ("0", "10")
+PAPER = "cmdp_n20_centred_b1"  # the paper's setting: n = 20, beta = 1, advantages centred (this project's default)
 
 
-def cmdp_grid(budget: float, penalties=("1", "5", "20"), betas=("0", "1")) -> list[tuple[str, int, str]]:
-    """CMDP's own knobs at one budget: n x advantage normalisation x beta, and the paper's sum form (n = 20, beta = 1)
-    at the equivalent per-response budget d x MEAN_TOKENS."""
-    runs, tag = [], "" if budget == 0.05 else f"_d{budget:g}"
-    for n in penalties:
-        for norm in ("centred", "std"):
-            for beta in betas:
-                flags = f"--budget {budget:g} --penalty {n} --explicit-coef {beta}" + " --norm-adv-std" * (
-                    norm == "std"
-                )
-                runs.append((f"cmdp_n{n}_{norm}_b{beta}{tag}", 1, f"cmdp_distill.py {flags}"))
-    for norm in ("centred", "std"):
-        flags = f"--constraint sum --budget {budget * MEAN_TOKENS:g} --penalty 20" + " --norm-adv-std" * (norm == "std")
-        runs.append((f"cmdpsum_n20_{norm}_b1{tag}", 1, f"cmdp_distill.py {flags}"))
-    return runs
+def cmdp_run(budget: float, n: str, norm: str, beta: str, form: str = "mean") -> tuple[str, int, str]:
+    """One CMDP setting: per-token mean constraint at d, or the sum form at d x MEAN_TOKENS nats per response."""
+    tag = "" if budget == 0.05 else f"_d{budget:g}"
+    flags = f"--penalty {n} --explicit-coef {beta}" + " --norm-adv-std" * (norm == "std")
+    if form == "sum":
+        return (
+            f"cmdpsum_n{n}_{norm}_b{beta}{tag}",
+            1,
+            f"cmdp_distill.py --constraint sum --budget {budget * MEAN_TOKENS:g} {flags}",
+        )
+    return f"cmdp_n{n}_{norm}_b{beta}{tag}", 1, f"cmdp_distill.py --budget {budget:g} {flags}"
+
+
+def cmdp_grid(budget: float) -> list[tuple[str, int, str]]:
+    """CMDP's own knobs at one budget: beta over BETAS x n in {1, 20} with centred advantages, GRPO's std-normalised
+    advantages at beta 1 and 20, and the paper's sum form (n = 20, beta = 1, both normalisations)."""
+    runs = [cmdp_run(budget, n, "centred", beta) for n in ("1", "20") for beta in BETAS]
+    runs += [cmdp_run(budget, n, "std", beta) for n in ("1", "20") for beta in ("1", "20")]
+    return runs + [cmdp_run(budget, "20", norm, "1", "sum") for norm in ("centred", "std")]
+
+
+def fixed_grid() -> list[tuple[str, int, str]]:
+    return [(f"fixed_l{lam}", 1, f"lagrangian_distill.py --method fixed --lambda-init {lam}") for lam in LAMBDAS]
 
 
 def dual_grid(budget: float) -> list[tuple[str, int, str]]:
@@ -80,62 +92,57 @@ def dual_grid(budget: float) -> list[tuple[str, int, str]]:
     ]
 
 
-# most informative first, so that a chunk cut short still answers the question: the paper's n = 20 with each
-# normalisation, then n = 5; for fixed lambda the interval (0.1, 1) where the outcome changes, then the ends
+# most informative first, so that a chunk cut short still compares the methods: the paper's setting and each
+# baseline near its best of the earlier sweep, then the weights between, then the grids' ends
 FIRST = (
-    "cmdp_n20_centred_b1",
+    PAPER,
+    "fixed_l10",
+    "cmdp_n1_centred_b1",
+    "dual_eta1000_l0",
+    "cmdp_n20_centred_b20",
+    "fixed_l5",
+    "cmdp_n1_centred_b20",
+    "fixed_l14",
+    "cmdp_n20_centred_b3",
+    "cmdp_n1_centred_b3",
+    "fixed_l7",
+    "cmdp_n20_centred_b10",
+    "cmdp_n1_centred_b10",
+    "dual_eta100_l0",
+    "fixed_l3",
+    "fixed_l20",
+    "cmdp_n20_centred_b0.3",
+    "cmdp_n1_centred_b0.3",
+    "dual_eta1000_l10",
     "cmdp_n20_std_b1",
-    "cmdp_n5_std_b1",
-    "cmdp_n5_centred_b1",
-    "cmdp_n20_std_b0",
+    "cmdp_n1_std_b1",
     "cmdpsum_n20_centred_b1",
     "cmdpsum_n20_std_b1",
-    "fixed_l0.3",
-    "fixed_l0.1",
-    "fixed_l1",
-    "fixed_l0.2",
-    "fixed_l0.5",
-    "dual_eta10_l1",
-    "dual_eta100_l0",
-    "dual_eta100_l1",
 )
-# each method's setting chosen on the validation split at d = 0.05 (benchmark/results/claim/chosen.json), and the
-# paper's CMDP setting
-FINAL = ("cmdp_n1_centred_b1", "cmdp_n20_centred_b1", "fixed_l0.5", "dual_eta100_l0")
 OTHER_BUDGETS = ("0.1", "0.013")  # twice the default, and the pilot's (docs/results.md, "Choosing the budget")
+CHUNKS = ("tune-d0.05", "lr-ablation", "final-d0.05", "final-d0.1", "final-d0.013")
 
 
 def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
     """(run name, seed, script and method flags) of every run of a chunk, most informative first."""
-    if chunk == "tune-cmdp":
-        runs = cmdp_grid(0.05)
-    elif chunk == "tune-lagrangian":  # fixed lambda is budget-free: its front at every budget comes from these runs
-        runs = [(f"fixed_l{lam}", 1, f"lagrangian_distill.py --method fixed --lambda-init {lam}") for lam in LAMBDAS]
-        runs += dual_grid(0.05)
-    elif chunk.removeprefix("tune-d") in OTHER_BUDGETS:
-        budget = float(chunk.removeprefix("tune-d"))
-        runs = cmdp_grid(budget, penalties=("5", "20"), betas=("1",)) + dual_grid(budget)
+    if chunk == "tune-d0.05":  # fixed lambda is budget-free: its front at every budget comes from these runs
+        runs = cmdp_grid(0.05) + fixed_grid() + dual_grid(0.05)
     elif chunk == "lr-ablation":
-        method = dict((name, m) for name, _, m in cmdp_grid(0.05))["cmdp_n20_centred_b1"]
-        runs = [(f"cmdp_n20_centred_b1_lr{lr}", 1, f"{method} --learning-rate {lr}") for lr in LRS]
-    elif chunk == "final-d0.05":
-        tuned = {name: method for name, _, method in chunk_runs("tune-cmdp") + chunk_runs("tune-lagrangian")}
-        return [(name, seed, tuned[name]) for seed in range(1, 6) for name in FINAL]  # seed by seed
-    elif chunk.removeprefix("final-d") in OTHER_BUDGETS:
+        method = dict((name, m) for name, _, m in cmdp_grid(0.05))[PAPER]
+        runs = [(f"{PAPER}_lr{lr}", 1, f"{method} --learning-rate {lr}") for lr in LRS]
+    elif chunk.removeprefix("final-d") in ("0.05", *OTHER_BUDGETS):
         budget = chunk.removeprefix("final-d")
         chosen = json.loads((RESULTS / "chosen.json").read_text()).get(budget, {}) if RESULTS.exists() else {}
-        tuned = {name: method for name, _, method in chunk_runs(f"tune-d{budget}") + chunk_runs("tune-lagrangian")}
+        tuned = {name: method for name, _, method in chunk_runs(f"tune-d{budget}")}
         if not all(f in chosen for f in ("cmdp", "dual", "fixed")):
             raise SystemExit(
                 f"{chunk}: no settings chosen at d = {budget} yet; run tune-d{budget}, then benchmark/claim_results.py."
             )
-        names = list(dict.fromkeys([*chosen.values(), f"cmdp_n20_centred_b1_d{budget}"]))
-        return [(name, seed, tuned[name]) for seed in range(1, 6) for name in names]
+        paper = PAPER + ("" if budget == "0.05" else f"_d{budget}")
+        names = list(dict.fromkeys([*chosen.values(), paper]))
+        return [(name, seed, tuned[name]) for seed in range(1, 6) for name in names]  # seed by seed
     else:
-        raise SystemExit(
-            f"unknown chunk {chunk!r}: tune-cmdp, tune-lagrangian, tune-d0.1, tune-d0.013, lr-ablation, final-d0.05, "
-            "final-d0.1 or final-d0.013."
-        )
+        raise SystemExit(f"unknown chunk {chunk!r}: {', '.join(CHUNKS)}.")
     return sorted(runs, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST))
 
 
@@ -167,10 +174,13 @@ def flag(evaluation: Path) -> str:
     return str(evaluation) if evaluation.name == "val.jsonl" else "toy"
 
 
-def command(name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path, extra: str = "") -> str:
+def command(name: str, seed: int, method: str, out: Path, train: Path, extra: str = "") -> str:
+    """A run's training command: in-run evals on the validation split whatever the chunk, so that the test split is
+    used once, by the final evaluation of the chosen settings."""
     return (
         f"python {method} --seed {seed} --num-steps {STEPS} --eval-interval 50 --save-interval 100 "
-        f"--output-dir {out / 'runs'} --exp-name {name} --dataset {train} --eval-dataset {flag(evaluation)} {extra}"
+        f"--output-dir {out / 'runs'} --exp-name {name} --dataset {train} --eval-dataset {train.parent / 'val.jsonl'} "
+        f"{extra}"
     ).strip()
 
 
@@ -216,7 +226,7 @@ def run_one(
 def train_and_evaluate(
     chunk: str, name: str, seed: int, method: str, out: Path, train: Path, evaluation: Path, extra: str, result: Path
 ) -> str:
-    cmd = command(name, seed, method, out, train, evaluation, extra)
+    cmd = command(name, seed, method, out, train, extra)
     checkpoints = sorted(out.glob(f"runs/{name}__{seed}__*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     log = out / "logs" / f"{name}__{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -268,8 +278,8 @@ def write_result(
         "train_diagnostic_steps": [r for r in records if "losses/pg_grad_norm" in r],  # every 10th step, grad norms
         "final_eval": json.loads((eval_dir / "summary.json").read_text()),
         "correct": [int(r["correct"]) for r in per_problem],
-        "mean_kl": [round(r["mean_kl"], 6) for r in per_problem],
-        "sum_kl": [round(r["mean_kl"] * r["response_tokens"], 6) for r in per_problem],
+        "mean_kl": [r["mean_kl"] for r in per_problem],  # full precision: CSR is a comparison with d
+        "response_tokens": [r["response_tokens"] for r in per_problem],  # sum of KLs = mean_kl x response_tokens
     }
     tmp = result.with_suffix(".tmp")
     tmp.write_text(json.dumps(compact) + "\n")
@@ -311,7 +321,7 @@ def main() -> None:
         val = Path(toy_math.resolve("toy", "test"))
     if args.action == "list":
         for name, seed, method in runs:
-            print(command(name, seed, method, out, train, val, args.extra))
+            print(command(name, seed, method, out, train, args.extra))
         return
     if args.action == "compact":
         return recompact(args.chunk, out, val)

@@ -120,3 +120,87 @@ def step_without_and_with_checkpointing(toy: Path, tmp_path: Path, weights_file:
         (run_dir,) = out.iterdir()
         weights[flag] = safetensors.torch.load_file(run_dir / "checkpoint-1" / weights_file)
     return weights
+
+
+def exact_response_batch():
+    """A policy over responses of 1 to 3 tokens whose expectations a batch computes exactly, for derivative tests.
+
+    Vocabulary a, b, eos (ids 0, 1, 2); the next token's distribution depends on the position and the previous token
+    (logits theta (3 positions, 3 previous tokens: a, b, start, 3)), and every one of them is (1/2, 1/4, 1/4) at
+    theta's value, so pi(y) is a multiple of 1/64 and a batch of B = 64 responses holding each of the 15 responses
+    64 pi(y) times is an exact expectation. A response ends at eos or after 3 tokens, so lengths are 1, 2 and 3.
+    The teacher is a fixed distribution per (position, previous token); the per-token cost is the exact reverse KL.
+    Returns dict(theta (leaf), responses [tuple] (15), batch_responses [tuple] (B,), mask (B, 3), logprobs(theta) and
+    token_costs(theta) -> (B, 3) float64, zero off the response, response_logprob(theta, y) -> log pi(y),
+    response_costs(theta, y) -> (T,) per-token costs)."""
+    import itertools
+
+    import torch
+
+    probs = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    theta = probs.log().expand(3, 3, 3).clone().requires_grad_()
+    teacher = torch.softmax(torch.arange(27, dtype=torch.float64).reshape(3, 3, 3).sin() * 1.5, -1)
+    pairs = itertools.product((0, 1), repeat=2)
+    responses = [(2,)] + [(x, 2) for x in (0, 1)] + [(x, y, z) for x, y in pairs for z in (0, 1, 2)]
+
+    def contexts(y):  # (position, previous token) of each token of y; 2 = start
+        return [(t, y[t - 1] if t else 2) for t in range(len(y))]
+
+    def response_logprobs(theta, y):  # (T,)
+        return torch.stack([torch.log_softmax(theta[t, prev], -1)[y[t]] for t, prev in contexts(y)])
+
+    def response_costs(theta, y):  # (T,) KL(pi(.|s_t) || teacher(.|s_t))
+        rows = [torch.log_softmax(theta[t, prev], -1) for t, prev in contexts(y)]
+        kls = [(lp.exp() * (lp - teacher[t, prev].log())).sum() for lp, (t, prev) in zip(rows, contexts(y))]
+        return torch.stack(kls)
+
+    counts = [round(64 * response_logprobs(theta, y).sum().exp().item()) for y in responses]
+    assert sum(counts) == 64
+    batch_responses = [y for y, c in zip(responses, counts) for _ in range(c)]
+    mask = torch.tensor([[t < len(y) for t in range(3)] for y in batch_responses])  # (B, 3)
+
+    def padded(values):  # [(T_i,)] -> (B, 3), zero off the response
+        return torch.stack([torch.cat([v, v.new_zeros(3 - len(v))]) for v in values])
+
+    return dict(
+        theta=theta,
+        responses=responses,
+        mask=mask,
+        logprobs=lambda theta: padded([response_logprobs(theta, y) for y in batch_responses]),
+        token_costs=lambda theta: padded([response_costs(theta, y) for y in batch_responses]),
+        response_logprob=lambda theta, y: response_logprobs(theta, y).sum(),
+        response_costs=response_costs,
+        batch_responses=batch_responses,
+    )
+
+
+def loss_normalisers(module, term: str, toy: Path, out: Path, *extra: str) -> list[tuple[int, int, int]]:
+    """One step of a training script's main() in-process on the tiny toy build, with its policy_loss and its cost term
+    (`term`, a function of the module) wrapped: per micro-batch, (the count policy_loss divided by, the count the cost
+    term divided by, the step's response tokens counted from the micro-batches' masks)."""
+    import inspect
+
+    import tyro
+
+    calls, masks = [], []
+    policy_loss, cost_term = module.policy_loss, getattr(module, term)
+
+    def spy_policy(logprobs, old_logprobs, advantages, mask, clip_coef, num_tokens):
+        masks.append(mask)
+        calls.append([num_tokens])
+        return policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef, num_tokens)
+
+    def spy_cost(*args, **kwargs):
+        bound = inspect.signature(cost_term).bind(*args, **kwargs)
+        calls[-1].append(list(bound.arguments.values())[2])  # its third argument: the count it divides by
+        return cost_term(*args, **kwargs)
+
+    argv = tiny_run_args(module.__name__ + ".py", toy, out, "--num-steps", "1", "--eval-interval", "0", *extra)[1:]
+    original = (module.policy_loss, getattr(module, term))
+    module.policy_loss, _ = spy_policy, setattr(module, term, spy_cost)
+    try:
+        module.main(tyro.cli(module.Args, args=argv))
+    finally:
+        module.policy_loss, _ = original[0], setattr(module, term, original[1])
+    tokens = int(sum(m.sum() for m in masks))
+    return [(int(a), int(b), tokens) for a, b in calls]

@@ -16,12 +16,15 @@ def test_modified_reward_is_the_papers():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
     costs = torch.tensor([0.01, 0.02, 0.06, 0.5, 0.05])  # the last sits exactly on the budget: satisfied
     # R~ = R within the budget, -(n + phi(y)) outside it, phi(y) = the response's cost
-    assert torch.allclose(
-        cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=20.0), torch.tensor([1.0, 0.0, -20.06, -20.5, 1.0])
-    )
-    assert torch.allclose(
-        cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=0.0), torch.tensor([1.0, 0.0, -0.06, -0.5, 1.0])
-    )
+    c = costs.double()  # R~ is float64: n + phi keeps phi's digits
+    assert cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=20.0).tolist() == [
+        1,
+        0,
+        -(20 + c[2]),
+        -(20 + c[3]),
+        1,
+    ]
+    assert cmdp.modified_rewards(rewards, costs, budget=0.05, penalty=0.0).tolist() == [1, 0, -c[2], -c[3], 1]
     assert cmdp.modified_rewards(rewards, costs, budget=1.0, penalty=3.0).tolist() == rewards.tolist()
     # a violator is always worse than any satisfying response, and a larger violation is worse still
     shaped = cmdp.modified_rewards(rewards, costs, 0.05, 20.0)
@@ -37,6 +40,33 @@ def test_group_advantages_hand_computed():
     expected = torch.tensor([1.0, 0.0, -1.0, 0.0]) / (std + 1e-6)
     assert torch.allclose(cmdp.group_advantages(rewards, 4, norm_std=True)[:4], expected)
     assert (cmdp.group_advantages(rewards, 4, norm_std=True)[4:] == 0).all()  # identical rewards: no signal
+
+
+@pytest.mark.parametrize("norm_std", [False, True])
+def test_a_group_of_identical_violators_gets_exactly_zero_advantage(norm_std):
+    """-(20 + 0.0612) eight times: in float32 the group mean lands a rounding step off the values, and dividing by
+    a std of ~1e-6 turned that into advantages of +-0.63 for the whole group."""
+    for penalty, cost in ((20.0, 0.0612), (20.0, 0.0613), (1.0, 0.0701), (20.0, 1.234567)):
+        shaped = cmdp.modified_rewards(torch.zeros(8), torch.full((8,), cost), 0.05, penalty)
+        assert (cmdp.group_advantages(shaped, 8, norm_std) == 0).all(), (penalty, cost)
+
+
+def test_advantages_of_a_tiny_spread_are_the_float64_formula():
+    """Eight violators whose costs differ by 1e-5 in all: the advantages are the formula's, evaluated in float64 on
+    the float32 costs the script has, not float32 rounding of -(20 + cost)."""
+    import numpy as np
+
+    costs = (0.0612 + 1e-5 * torch.linspace(0, 1, 8)).float()
+    rewards = torch.tensor([0.0, 1.0] * 4)
+    shaped = cmdp.modified_rewards(rewards, costs, 0.05, 20.0)
+    reference = -(20.0 + costs.numpy().astype(np.float64))
+    assert shaped.tolist() == reference.tolist()  # every digit of each cost kept
+    for norm_std in (False, True):
+        centred = reference - reference.mean()
+        expected = centred / (reference.std(ddof=1) + 1e-6) if norm_std else centred
+        got = cmdp.group_advantages(shaped, 8, norm_std).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+        assert got[0] > 0 > got[-1]  # the cheapest violator is the best of the group
 
 
 def test_policy_loss_gradient_matches_naive_reinforce():
@@ -66,52 +96,60 @@ def test_policy_loss_gradient_matches_naive_reinforce():
     assert torch.all(grad2[2] == 0)  # advantage > 0 and ratio e > 1.2: every token of row 2 clipped
 
 
-def test_explicit_term_weighs_each_violator_one_over_b():
+def test_explicit_term_weighs_each_violator_one_over_the_steps_tokens():
     phi = torch.tensor([0.2, 0.01, 0.5, 0.03], requires_grad=True)
     violated = torch.tensor([True, False, True, False])
-    loss = cmdp.explicit_cost_loss(phi, violated, batch_size=8, coef=0.5)  # this micro-batch holds 4 of B = 8 responses
-    assert torch.allclose(loss, torch.tensor(0.5 * (0.2 + 0.5) / 8))
+    loss = cmdp.explicit_cost_loss(phi, violated, num_tokens=40, coef=0.5)  # 4 of the step's responses, N = 40 tokens
+    assert torch.allclose(loss, torch.tensor(0.5 * (0.2 + 0.5) / 40))
     loss.backward()
-    assert phi.grad.tolist() == [0.5 / 8, 0.0, 0.5 / 8, 0.0]  # violators only, 1/B each
-    # it fades as violations become rare: one violator pulls with 1/B, not with the whole weight
+    assert phi.grad.tolist() == pytest.approx(
+        [0.5 / 40, 0.0, 0.5 / 40, 0.0]
+    )  # violators only, 1/N each, as (I)'s tokens
+    # it fades as violations become rare: one violator pulls with 1/N, not with the whole weight
     one = torch.tensor([0.2, 0.01, 0.01, 0.01], requires_grad=True)
-    cmdp.explicit_cost_loss(one, torch.tensor([True, False, False, False]), batch_size=8, coef=1.0).backward()
-    assert one.grad[0] == 1 / 8 and one.grad[1:].abs().sum() == 0
-    assert cmdp.explicit_cost_loss(phi, torch.zeros(4, dtype=torch.bool), 8, 1.0) == 0
+    cmdp.explicit_cost_loss(one, torch.tensor([True, False, False, False]), num_tokens=40, coef=1.0).backward()
+    assert one.grad[0].item() == pytest.approx(1 / 40) and one.grad[1:].abs().sum() == 0
+    assert cmdp.explicit_cost_loss(phi, torch.zeros(4, dtype=torch.bool), 40, 1.0) == 0
 
 
-def test_total_gradient_is_the_derivative_of_the_modified_objective():
-    """The script's own loss, policy_loss (I) + explicit_cost_loss (II) on the script's modified rewards and group
-    advantages, is -grad J_n exactly, J_n(theta) = sum_y pi(y) R~(y) with R~(y) = -(n + phi_theta(y)) for violators.
-    A one-step problem with 4 one-token responses whose probabilities are 1/8, 1/8, 1/4, 1/2: a batch of B = 8 holding
-    each response that many times is an exact expectation, so any weighting error in the loss terms shows."""
+@pytest.mark.parametrize("constraint, budget", [("mean", 0.45), ("sum", 1.0)])
+def test_loss_is_the_derivative_of_the_modified_objective_at_every_length(constraint, budget):
+    """The script's own loss, policy_loss (I) + explicit_cost_loss (II) on its modified rewards and group advantages,
+    is B/N times -grad J_n, J_n(theta) = sum_y pi(y) R~(y), R~(y) = -(n + phi_theta(y)) for violators, on responses
+    of 1, 2 and 3 tokens (N/B = 2.3) whose per-token costs are the exact reverse KL to a teacher. The batch holds
+    each response 64 pi(y) times, an exact expectation, so a term weighted by 1/B instead of 1/N shows."""
     import common
+    from conftest import exact_response_batch
 
-    probs = torch.tensor([1 / 8, 1 / 8, 1 / 4, 1 / 2], dtype=torch.float64)
-    theta = probs.log().requires_grad_()  # logits of the 4 responses
-    cost_scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # phi depends on the parameters too
-    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
-    base_costs = torch.tensor([0.01, 0.2, 0.5, 0.02], dtype=torch.float64)  # two violators, one of them rewarded
-    budget, n = 0.05, 20.0
+    e = exact_response_batch()
+    theta, n = e["theta"], 20.0
 
-    def objective():
-        phi = base_costs * cost_scale / 0.3
-        return (torch.softmax(theta, 0) * torch.where(phi <= budget, rewards, -(n + phi))).sum()
+    def reward(y):
+        return float(y[0] == 0)
 
-    exact = torch.autograd.grad(-objective(), (theta, cost_scale))
-    y = torch.tensor([0, 1, 2, 2, 3, 3, 3, 3])  # B = 8 responses in proportion to pi
-    logprobs = torch.log_softmax(theta, 0)[y][:, None]  # (B, T = 1)
-    mask = torch.ones(8, 1)
-    token_costs = (base_costs * cost_scale / 0.3)[y][:, None]  # (B, 1) per-token costs c_t
-    phi = common.sequence_costs(token_costs, mask, "mean")  # (B,) as in the script
+    def phi_of(token_costs):
+        return token_costs.sum() if constraint == "sum" else token_costs.mean()
+
+    objective = 0.0
+    for y in e["responses"]:
+        phi = phi_of(e["response_costs"](theta, y))
+        objective = objective + e["response_logprob"](theta, y).exp() * (reward(y) if phi <= budget else -(n + phi))
+    (exact,) = torch.autograd.grad(-objective, theta)
+
+    mask, logprobs = e["mask"], e["logprobs"](theta)  # (B, 3) each
+    phi = common.sequence_costs(e["token_costs"](theta), mask, constraint)  # (B,) as in the script
     violated = phi.detach() > budget
-    advantages = cmdp.group_advantages(cmdp.modified_rewards(rewards[y], phi.detach(), budget, n), 8, norm_std=False)
-    pg_loss, _ = cmdp.policy_loss(logprobs, logprobs.detach(), advantages, mask, clip_coef=0.2, num_tokens=8)
-    cost_loss = cmdp.explicit_cost_loss(phi, violated, batch_size=8, coef=1.0)
-    got = torch.autograd.grad(pg_loss + cost_loss, (theta, cost_scale))
-    for a, b in zip(got, exact):
-        torch.testing.assert_close(a, b)
-    assert exact[1] > 0 and got[0].abs().sum() > 0  # both parameters get a gradient, so both terms are checked
+    assert 0 < violated.sum() < 64 and ((phi.detach() - budget).abs() > 0.02).all()  # both kinds, none on the edge
+    rewards = torch.tensor([reward(y) for y in e["batch_responses"]])
+    advantages = cmdp.group_advantages(cmdp.modified_rewards(rewards, phi.detach(), budget, n), 64, norm_std=False)
+    num_tokens = int(mask.sum())
+    pg_loss, _ = cmdp.policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, num_tokens)
+    cost_loss = cmdp.explicit_cost_loss(phi, violated, num_tokens, coef=1.0)
+    (got,) = torch.autograd.grad(pg_loss + cost_loss, theta, retain_graph=True)
+    torch.testing.assert_close(got * num_tokens / 64, exact, rtol=1e-5, atol=1e-8)
+    # term (II) moves the gradient by far more than the tolerance, so its weight is what was checked
+    (explicit,) = torch.autograd.grad(cost_loss, theta)
+    assert explicit.abs().max() * num_tokens / 64 > 1e-2
 
 
 def test_batch_indices_cover_each_epoch_once_and_are_reproducible():
@@ -242,9 +280,10 @@ def test_two_steps_end_to_end(tiny_toy, tmp_path):
         records[1]["train/mean_kl"] > 0.0001 and records[1]["train/csr"] == 0
     )  # the tiny student violates the tiny budget ...
     assert records[1]["train/modified_reward"] < -20  # ... so every response gets -(n + phi)
+    # (II) with every response violating: sum_i phi(y_i) / N = the mean cost / the mean response length
     assert records[1]["losses/explicit_cost_loss"] == pytest.approx(
-        records[1]["train/cost"], rel=1e-4
-    )  # (II), all violate
+        records[1]["train/cost"] / records[1]["train/response_tokens"], rel=1e-4
+    )
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 4 and all(s["modified_reward"] == pytest.approx(-(20 + s["cost"])) for s in samples)
     import common
@@ -468,3 +507,15 @@ def test_a_short_run_learns_to_meet_the_budget(tiny_toy, tmp_path):
 
     assert mean(last, "train/csr") > mean(first, "train/csr") + 0.3
     assert mean(last, "losses/explicit_cost_loss") < 0.5 * mean(first, "losses/explicit_cost_loss")
+
+
+@pytest.mark.slow
+def test_the_loop_divides_both_terms_by_the_steps_response_tokens(tiny_toy, tmp_path):
+    """What the derivative test above assumes of main(): terms (I) and (II) of every micro-batch are divided by the
+    same count, the step's response tokens (a term (II) divided by the step's responses, B, weighed L times more)."""
+    from conftest import loss_normalisers
+
+    calls = loss_normalisers(cmdp, "explicit_cost_loss", tiny_toy, tmp_path / "runs", "--micro-batch-size", "4")
+    assert len(calls) == 2  # 2 prompts x 4 responses in micro-batches of 4
+    for pg_count, cost_count, tokens in calls:
+        assert pg_count == cost_count == tokens and tokens > 8  # several tokens per response

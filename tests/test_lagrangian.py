@@ -45,12 +45,59 @@ def test_each_method_is_one_lambda_schedule(method, lambda_init, lambda_lr, expe
     assert lagr.lambda_schedule(method, lambda_init, lambda_lr) == expected
 
 
-def test_lagrangian_penalty_is_lambda_times_mean_cost_over_all_responses():
-    costs = torch.tensor([0.2, 0.5, 2.0], requires_grad=True)  # 3 of a step's B = 6 responses
-    loss = lagr.lagrangian_penalty(costs, 0.3, batch_size=6)
-    assert torch.allclose(loss, torch.tensor(0.3 * (0.2 + 0.5 + 2.0) / 6))
+def test_lagrangian_penalty_is_lambda_times_each_cost_over_the_steps_tokens():
+    costs = torch.tensor([0.2, 0.5, 2.0], requires_grad=True)  # 3 of a step's responses, N = 40 tokens
+    loss = lagr.lagrangian_penalty(costs, 0.3, num_tokens=40)
+    assert torch.allclose(loss, torch.tensor(0.3 * (0.2 + 0.5 + 2.0) / 40))
     loss.backward()
-    assert torch.allclose(costs.grad, torch.full((3,), 0.3 / 6))  # every response penalised, satisfied or not
+    assert torch.allclose(costs.grad, torch.full((3,), 0.3 / 40))  # every response penalised, satisfied or not
+
+
+@pytest.mark.parametrize("constraint", ["mean", "sum"])
+def test_loss_is_the_derivative_of_reward_minus_lambda_cost_at_every_length(constraint):
+    """policy_loss + lagrangian_penalty is B/N times -grad of sum_y pi(y) R(y) - lambda sum_y pi(y) cost_theta(y),
+    the penalty differentiated through the cost and not through the sampling (pi held fixed there, as in GKD), on
+    responses of 1, 2 and 3 tokens in a batch that is an exact expectation (tests/conftest.py): lambda weighs cost
+    against reward whatever the lengths."""
+    import common
+    from conftest import exact_response_batch
+
+    e = exact_response_batch()
+    theta, lam = e["theta"], 0.7
+
+    def reward(y):
+        return float(y[0] == 0)
+
+    objective = 0.0
+    for y in e["responses"]:
+        token_costs = e["response_costs"](theta, y)
+        cost = token_costs.sum() if constraint == "sum" else token_costs.mean()
+        objective = objective + e["response_logprob"](theta, y).exp() * reward(y)
+        objective = objective - lam * e["response_logprob"](theta, y).exp().detach() * cost
+    (exact,) = torch.autograd.grad(-objective, theta)
+
+    mask, logprobs = e["mask"], e["logprobs"](theta)
+    costs = common.sequence_costs(e["token_costs"](theta), mask, constraint)  # (B,)
+    rewards = torch.tensor([reward(y) for y in e["batch_responses"]])
+    advantages = lagr.group_advantages(rewards, 64, norm_std=False)
+    num_tokens = int(mask.sum())
+    pg_loss, _ = lagr.policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, num_tokens)
+    penalty = lagr.lagrangian_penalty(costs, lam, num_tokens)
+    (got,) = torch.autograd.grad(pg_loss + penalty, theta, retain_graph=True)
+    torch.testing.assert_close(got * num_tokens / 64, exact, rtol=1e-5, atol=1e-8)
+    (penalty_grad,) = torch.autograd.grad(penalty, theta)
+    assert penalty_grad.abs().max() * num_tokens / 64 > 1e-2  # the penalty's weight is what was checked
+
+
+@pytest.mark.slow
+def test_the_loop_divides_both_terms_by_the_steps_response_tokens(tiny_toy, tmp_path):
+    from conftest import loss_normalisers
+
+    flags = ("--method", "fixed", "--lambda-init", "0.5", "--micro-batch-size", "4")
+    calls = loss_normalisers(lagr, "lagrangian_penalty", tiny_toy, tmp_path / "runs", *flags)
+    assert len(calls) == 2
+    for pg_count, cost_count, tokens in calls:
+        assert pg_count == cost_count == tokens and tokens > 8
 
 
 def run_args(toy, out, *extra):
@@ -114,8 +161,8 @@ def test_two_steps_then_resume_restores_lambda(tiny_toy, tmp_path):
         lagr.dual_update(0.5, records[1]["train/cost"], 0.0001, 10)
     )
     assert records[1]["losses/lagrangian_penalty"] == pytest.approx(
-        0.5 * records[1]["train/cost"], rel=1e-4
-    )  # lambda * mean cost
+        0.5 * records[1]["train/cost"] / records[1]["train/response_tokens"], rel=1e-4
+    )  # lambda * sum_i cost(y_i) / N
     saved = torch.load(run_dir / "checkpoint-2" / "trainer_state.pt", weights_only=True)["lagrange_multiplier"]
     assert saved == pytest.approx(lagr.dual_update(lambdas[1], records[2]["train/cost"], 0.0001, 10)) and saved > 0.5
     proc = run_script(
@@ -153,5 +200,7 @@ def test_grpo_and_kd_methods(tiny_toy, tmp_path):
     # KD keeps lambda at 1 even though the tiny student's cost is far over the tiny budget (dual ascent would move it)
     assert [r["dual/lambda"] for r in records] == [1.0, 1.0, 1.0]
     assert all(r["losses/policy_loss"] == 0 for r in records)
-    assert records[0]["losses/lagrangian_penalty"] == pytest.approx(records[0]["train/mean_kl"], rel=1e-4)
+    assert records[0]["losses/lagrangian_penalty"] == pytest.approx(
+        records[0]["train/cost"] / records[0]["train/response_tokens"], rel=1e-4
+    )
     assert records[0]["losses/pg_grad_norm"] == 0 and records[0]["losses/cos_total_kl"] == pytest.approx(1.0)
