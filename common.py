@@ -1,10 +1,11 @@
-"""Shared plumbing for cmdp_distill.py, lagrangian_distill.py and eval_math.py.
+"""Shared plumbing for cmdp_distill.py, lagrangian_distill.py, kd_warmup.py and eval_math.py.
 
 Plumbing only: model/tokenizer loading, data loading and prompt rendering, the one answer grader (training reward
-and evaluation accuracy), exact per-token KL and log-probs from hidden states, batched generation and scoring,
-evaluation, run folders, metrics and checkpoints, data parallelism and the off-policy KD warm-up. The methods
-themselves live in the scripts. Importing this module has no side effects; bad input raises InputError (a
-ValueError), which the scripts print as one sentence.
+and evaluation accuracy), exact per-token KL and log-probs from hidden states, a response's cost phi(y)
+(sequence_costs, shared by training and evaluation), batched generation and scoring, evaluation, run folders,
+metrics and checkpoints, data parallelism, LoRA. The methods and their training loops live in the scripts.
+Importing this module has no side effects; bad input raises InputError (a ValueError), which the scripts print as
+one sentence.
 
 Shapes: B rows of a batch, T = the padded length minus one (positions that predict a next token), N the response
 tokens of a batch (the True entries of its (B, T) response mask), H a hidden size, V the tokenizer's ids.
@@ -56,6 +57,36 @@ def check_finite(args) -> None:
         value = getattr(args, field.name)
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
             raise InputError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_resume(args, same: tuple[str, ...]) -> None:
+    """--resume names a checkpoint folder whose saved args agree with `args` on the fields in `same` (those that fix
+    the data order) and on the LoRA settings (the saved adapter's shape would otherwise win silently)."""
+    folder = Path(args.resume)
+    if not (folder / "trainer_state.pt").is_file():
+        raise InputError(f"--resume {args.resume!r} is not a checkpoint folder (it has no trainer_state.pt)")
+    try:
+        saved = json.loads((folder / "args.json").read_text())
+        if not isinstance(saved, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        raise InputError(f"--resume {args.resume!r}: its args.json is missing or not a JSON object of flags") from None
+    lora = ("lora_rank", "lora_alpha", "lora_target_modules") if hasattr(args, "lora_rank") else ()
+    for name in (*same, *lora):
+        value, before = getattr(args, name), saved.get(name)
+        if isinstance(value, tuple) and isinstance(before, list):
+            before = tuple(before)
+        if name.startswith("lora_") and name != "lora_rank" and not args.lora_rank and not saved.get("lora_rank"):
+            continue  # no LoRA on either side: alpha and targets mean nothing
+        if before != value:
+            flag, shown = (
+                f"--{name.replace('_', '-')}",
+                [" ".join(v) if isinstance(v, tuple) else v for v in (before, value)],
+            )
+            raise InputError(
+                f"--resume: the checkpoint was trained with {flag} {shown[0]}, not {shown[1]}; resume with the same "
+                "value (or start a new run)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +226,10 @@ def _read_problem_file(name: str) -> list[dict]:
     return problems
 
 
-def check_dataset(name: str, split: str | None = None) -> None:
+def check_dataset(name: str, split: str) -> None:
     """Fail early (before any model loads or the toy task is built) on a dataset that cannot load: an
     unknown name, a split that a hub dataset lacks, or a missing or malformed file (parsed in full)."""
-    if name in HUB_DATASETS and split is not None and split not in HUB_DATASETS[name][2]:
+    if name in HUB_DATASETS and split not in HUB_DATASETS[name][2]:
         repo, config, splits = HUB_DATASETS[name]
         raise InputError(
             f"dataset {name} ({repo}{f', config {config}' if config else ''}) has only the split(s) "
@@ -471,21 +502,19 @@ def _logits(h, w, v):
 
 
 def _chunk(hs, ws, ht, wt, y, v):
-    """One chunk: (p_s (n, v), log p_s - log p_t (n, v) or None, kl (n,), lp_s (n,), lp_t (n,))."""
+    """One chunk: (p_s (n, v), log p_s - log p_t (n, v) or None, kl (n,), lp_s (n,))."""
     ls = F.log_softmax(_logits(hs, ws, v), -1)
     p, idx, ok = ls.exp(), y.clamp(min=0)[:, None], y >= 0  # y < 0: padding, ignored
-    lps, d, kl, lpt = ls.gather(1, idx)[:, 0] * ok, None, ls.new_zeros(len(ls)), ls.new_zeros(len(ls))
+    lps, d, kl = ls.gather(1, idx)[:, 0] * ok, None, ls.new_zeros(len(ls))
     if ht is not None:
-        lt = F.log_softmax(_logits(ht, wt, v), -1)
-        lpt = lt.gather(1, idx)[:, 0] * ok
-        d = lt.neg_().add_(ls)  # reuse lt's buffer: d = log p_s - log p_t
+        d = F.log_softmax(_logits(ht, wt, v), -1).neg_().add_(ls)  # in the teacher's buffer: log p_s - log p_t
         kl = (p * d).sum(-1)  # elementwise, not bmm: a TF32-enabled matmul would cost KL precision
-    return p, d, kl, lps, lpt
+    return p, d, kl, lps
 
 
 class _ChunkedKL(torch.autograd.Function):
     """hs (N, H_s) with ws (V_s, H_s); teacher ht (N, H_t) with wt (V_t, H_t), or both None; tokens (N,) long.
-    Returns kl, lp_s, lp_t, each (N,). Saves only the inputs; backward recomputes every chunk's logits."""
+    Returns kl, lp_s, each (N,). Saves only the inputs; backward recomputes every chunk's logits."""
 
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, tokens, chunk, v):
@@ -494,14 +523,13 @@ class _ChunkedKL(torch.autograd.Function):
             _chunk(hs[i : i + chunk], ws, None if ht is None else ht[i : i + chunk], wt, tokens[i : i + chunk], v)
             for i in starts
         ]
-        outs = [torch.cat(o) for o in list(zip(*parts))[2:]]
+        outs = [torch.cat(o) for o in list(zip(*parts))[2:4]]
         ctx.save_for_backward(hs, ws, ht, wt, tokens)
         ctx.chunk, ctx.v = chunk, v
-        ctx.mark_non_differentiable(outs[2])  # teacher logprobs are constants
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx, g_kl, g_lp, _):
+    def backward(ctx, g_kl, g_lp):
         hs, ws, ht, wt, y = ctx.saved_tensors
         chunk, v = ctx.chunk, ctx.v
         need_h, need_w = ctx.needs_input_grad[:2]
@@ -516,7 +544,7 @@ class _ChunkedKL(torch.autograd.Function):
             sl, yc = slice(i, i + chunk), y[i : i + chunk]
             # the teacher's chunk logits only where the KL carries gradient (not for GRPO or non-violators)
             teacher_needed = ht is not None and bool(g_kl[sl].any())
-            p, d, kl, _, _ = _chunk(hs[sl], ws, ht[sl] if teacher_needed else None, wt, yc, v)
+            p, d, kl, _ = _chunk(hs[sl], ws, ht[sl] if teacher_needed else None, wt, yc, v)
             # dKL/dz = p * (d - KL);  d lp(y)/dz = onehot(y) - p  ->  dz = p * (gk (d - KL) - gl) + gl onehot(y)
             gz = torch.zeros_like(p) if d is None else d.sub_(kl[:, None]).mul_(g_kl[sl, None].to(p.dtype))
             gl = g_lp[sl].to(p.dtype) * (yc >= 0)
@@ -544,8 +572,8 @@ def kl_from_hidden(
     tokens (N,) ids < vocab_size (< 0: padding, ignored); leading batch dimensions are allowed. Both softmaxes run
     over the first vocab_size rows: the tokenizer's real ids (`len(tokenizer)`; Qwen2.5 pads its matrices to
     151,936 / 152,064 rows for 151,665 tokens); None: min(V_s, V_t).
-    Returns (kl, student_logprobs, teacher_logprobs), each shaped like tokens, float32; gradients flow through the
-    first two to student_hidden and student_weight (in their dtypes); the teacher is constant."""
+    Returns (kl, student_logprobs), each shaped like tokens, float32; gradients flow through both to student_hidden
+    and student_weight (in their dtypes); the teacher is constant."""
     v = vocab_size or min(student_weight.shape[0], teacher_weight.shape[0])
     outs = _ChunkedKL.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),
@@ -563,7 +591,7 @@ def token_logprobs_from_hidden(hidden, weight, tokens, chunk_size: int = 1024, v
     """log pi(tokens) (N,) float32 from final hidden states (N, H) and the output matrix (V, H), over the first
     vocab_size rows, a chunk at a time (no full logits); differentiable; tokens < 0 give 0."""
     v = vocab_size or weight.shape[0]
-    _, lp, _ = _ChunkedKL.apply(
+    _, lp = _ChunkedKL.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, None, None, tokens.reshape(-1), chunk_size, v
     )
     return lp.reshape(tokens.shape)
@@ -738,15 +766,16 @@ def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return hidden[:, :-1][mask[:, P - 1 :]]
 
 
-def score(student, batch: dict[str, torch.Tensor], teacher_weight, chunk_size: int, vocab_size: int):
-    """Per-token reverse KL to the teacher and the student's and the teacher's log-probs of the taken tokens, each
-    (B, T) and zero off the response, from the student's final hidden states and the teacher's, computed once per
-    batch and kept in batch["teacher_hidden"] (N, H_t). Differentiable w.r.t. the student under grad."""
+def score(student, batch: dict[str, torch.Tensor], teacher_hidden, teacher_weight, chunk_size: int, vocab_size: int):
+    """Per-token reverse KL to the teacher and the student's log-probs of the taken tokens, each (B, T) and zero off
+    the response, from the student's final hidden states and the teacher's, teacher_hidden (N, H_t) =
+    final_hidden(teacher, batch), computed once per batch by the caller. Differentiable w.r.t. the student under
+    grad."""
     mask = batch["response_mask"].bool()
     outs = kl_from_hidden(
         final_hidden(student, batch),
         student.get_output_embeddings().weight,
-        batch["teacher_hidden"],
+        teacher_hidden,
         teacher_weight,
         batch["input_ids"][:, 1:][mask],
         chunk_size,
@@ -755,24 +784,23 @@ def score(student, batch: dict[str, torch.Tensor], teacher_weight, chunk_size: i
     return tuple(torch.zeros(mask.shape, dtype=o.dtype, device=o.device).masked_scatter(mask, o) for o in outs)
 
 
-def sequence_costs(costs: torch.Tensor, mask: torch.Tensor, constraint: str) -> torch.Tensor:
-    """The constrained cost of each response (B,) from per-token costs c_t (B, T) and the response mask (B, T):
-    'sum': sum_t c_t (the paper's, nats per response); 'mean': (1/T) sum_t c_t (nats per token);
-    'prefix': max over t of (1/t) sum_{i<=t} c_i (any prefix mean above the budget violates). Differentiable."""
-    mask = mask.to(costs.dtype)
-    total = (costs * mask).sum(1)
+def sequence_costs(kl_per_token: torch.Tensor, mask: torch.Tensor, constraint: str) -> torch.Tensor:
+    """phi(y), the constrained cost of each response (B,), from per-token costs c_t = kl_per_token (B, T) and the
+    response mask (B, T): 'sum': sum_t c_t (the paper's, nats per response); 'mean': (1/T) sum_t c_t (nats per
+    token); 'prefix': max over t of (1/t) sum_{i<=t} c_i (any prefix mean above the budget violates). Differentiable:
+    the training scripts' explicit term differentiates it, evaluation scores responses with it."""
+    mask = mask.to(kl_per_token.dtype)
+    total = (kl_per_token * mask).sum(1)
     if constraint == "sum":
         return total
     if constraint == "mean":
         return total / mask.sum(1).clamp(min=1)
-    prefix_means = (costs * mask).cumsum(1) / mask.cumsum(1).clamp(min=1)
+    prefix_means = (kl_per_token * mask).cumsum(1) / mask.cumsum(1).clamp(min=1)
     return prefix_means.masked_fill(mask == 0, float("-inf")).max(1).values.clamp(min=0)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
@@ -806,8 +834,10 @@ def evaluate(
         mean_kls = costs = [None] * len(pairs)
         if teacher is not None:
             batch = pad_sequences(pairs, tokenizer.pad_token_id, model.device)
-            batch["teacher_hidden"] = final_hidden(teacher, batch)
-            kl = score(model.eval(), batch, teacher.get_output_embeddings().weight, kl_chunk_size, vocab)[0]
+            teacher_hidden = final_hidden(teacher, batch)
+            kl, _ = score(
+                model.eval(), batch, teacher_hidden, teacher.get_output_embeddings().weight, kl_chunk_size, vocab
+            )
             model.train(was_training)
             mean_kls = masked_mean(kl, batch["response_mask"], dim=1).tolist()
             costs = sequence_costs(kl, batch["response_mask"], constraint).tolist()
@@ -937,7 +967,9 @@ def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict, args) -> 
 
 
 def load_trainer_state(path: Path) -> dict:
-    """Optimizer state, step and RNG states; weights_only so that no pickled code runs."""
+    """A checkpoint's trainer state: step, optimizer state (and a script's own entries, e.g. the Lagrange multiplier),
+    loaded with weights_only so that no pickled code runs. RNG states are not kept: every random draw is seeded
+    from (--seed, step), so a resumed run samples what an uninterrupted one would."""
     return torch.load(Path(path) / "trainer_state.pt", weights_only=True, map_location="cpu")
 
 
@@ -964,13 +996,12 @@ def make_writer(run_dir: Path, args, purge_step: int | None = None):
 
 
 def log_metrics(writer, run_dir: Path, record: dict) -> None:
-    """record: {"step": int, "train/reward": float, ...} (or {"warmup/step": int, ...}) to metrics.jsonl and, under
-    the same keys, to TensorBoard (and so to W&B)."""
+    """record: {"step": int, "train/reward": float, ...} to metrics.jsonl and, under the same keys, to TensorBoard (and
+    so to W&B)."""
     append_jsonl(run_dir / "metrics.jsonl", record)
-    step = record.get("step", record.get("warmup/step"))
     for key, value in record.items():
-        if key not in ("step", "warmup/step"):
-            writer.add_scalar(key, value, step)
+        if key != "step":
+            writer.add_scalar(key, value, record["step"])
     writer.flush()
 
 
@@ -981,7 +1012,7 @@ def close_writer(writer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training plumbing shared by both scripts: dropout, seeds, data parallelism, diagnostics, KD warm-up
+# Training plumbing shared by the training scripts: dropout, seeds, data parallelism, diagnostics
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1099,69 +1130,6 @@ def gradient_diagnostics(terms: dict[str, torch.Tensor], params: list[torch.Tens
         f"losses/cos_total_{name_a}": (aa + ab) / max(total * aa**0.5, 1e-30),
         f"losses/cos_total_{name_b}": (bb + ab) / max(total * bb**0.5, 1e-30),
     }
-
-
-def offpolicy_kd_warmup(
-    student,
-    teacher,
-    tokenizer,
-    problems: list[dict],
-    *,
-    steps: int,
-    prompts_per_step: int,
-    group_size: int,
-    micro_batch_size: int,
-    learning_rate: float,
-    max_new_tokens: int,
-    max_grad_norm: float,
-    kl_chunk_size: int,
-    seed: int,
-    autocast,
-    rank: int = 0,
-    world_size: int = 1,
-    log=None,
-) -> None:
-    """Off-policy KD warm-up before the RL loop (docs/method.md, for students that start near zero reward): `steps`
-    AdamW steps of supervised training on the teacher's own responses, sampled at temperature 1, to training
-    prompts. loss = -1/|tokens| sum_t log pi_theta(y_t|s_t) over teacher tokens (the forward KL to the teacher,
-    in expectation). Each step: prompts_per_step prompts x group_size teacher samples, split across ranks like
-    the RL batch. Its own optimizer: the RL loop starts with fresh AdamW moments. log(record) gets each step's loss."""
-    optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=0.0)
-    vocab, per_rank = vocab_size(tokenizer, student, teacher), prompts_per_step // world_size
-    for step in range(steps):
-        rng = np.random.default_rng([seed, step, 1])
-        chosen = rng.choice(len(problems), prompts_per_step, replace=len(problems) < prompts_per_step)
-        chosen = chosen[rank * per_rank : (rank + 1) * per_rank]
-        prompts = [render_prompt(tokenizer, problems[i]["question"]) for i in chosen for _ in range(group_size)]
-        pairs, first_chunk = [], rank * len(prompts) // micro_batch_size
-        with autocast():
-            for j in range(0, len(prompts), micro_batch_size):
-                torch.manual_seed(derive_seed(seed, step, first_chunk + j // micro_batch_size, 1))
-                pairs += generate(
-                    teacher, tokenizer, prompts[j : j + micro_batch_size], max_new_tokens, 1.0, micro_batch_size
-                )
-        num_tokens = all_reduce(torch.tensor(float(sum(len(r) for _, r in pairs)))).item()
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        student.train()
-        for j in range(0, len(pairs), micro_batch_size):
-            mb = pad_sequences(pairs[j : j + micro_batch_size], tokenizer.pad_token_id, student.device)
-            tokens = mb["input_ids"][:, 1:][mb["response_mask"].bool()]  # (N,)
-            with autocast():
-                hidden = final_hidden(student, mb)  # (N, H)
-                logprobs = token_logprobs_from_hidden(
-                    hidden, student.get_output_embeddings().weight, tokens, kl_chunk_size, vocab
-                )  # (N,)
-            loss = -logprobs.sum() / max(num_tokens, 1)
-            loss.backward()
-            total += loss.item()
-        sync_gradients(student)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm or float("inf"))
-        optimizer.step()
-        loss = all_reduce(torch.tensor(total)).item()
-        if log is not None:
-            tokens_per_response = num_tokens / (prompts_per_step * group_size)
-            log({"warmup/step": step + 1, "warmup/loss": loss, "warmup/response_tokens": tokens_per_response})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,30 +4,29 @@ The baselines that Zimmer et al., arXiv 2509.22921, compare against (docs/method
 dual ascent on lambda, GKD-GRPO (fixed lambda), GRPO (lambda = 0) and on-policy KD, one --method each. The same loop
 as cmdp_distill.py: `diff cmdp_distill.py lagrangian_distill.py` shows only the method.
 
-    c_t and cost(y) as in cmdp_distill.py (--constraint sum | mean | prefix)
-    A_i = R_i - mean_group(R)                                         group-relative advantage of the task reward
-    loss = -1/N sum_{i,t} A_i log pi_theta(y_it|s_it)                 policy gradient (none with --method kd)
-           + lambda * 1/N sum_i cost(y_i)                             differentiable penalty on every response
-    N: the step's response tokens, in both terms, so lambda weighs cost against reward at any response length
+    c_t and cost(y) as in cmdp_distill.py (--constraint sum | mean | prefix: common.sequence_costs)
+    A_i = R_i - mean_group(R)                                          group-relative advantage of the task reward
+    loss = 1/N [ -sum_{i,t} A_i log pi_theta(y_it|s_it)                policy gradient (none with --method kd)
+                 + lambda * sum_i cost(y_i) ]                          differentiable penalty on every response
+    N: the step's response tokens, so that lambda weighs cost against reward, R - lambda * cost, at any length
     dual ascent after each step: lambda <- max(0, lambda + eta * (mean_i cost(y_i) - d))      (--method dual only)
 This bounds the *mean* cost over responses, where the CMDP method bounds each response's: compare their CSR.
-Choices where the paper is silent (ours), each with its flag: the exact per-token reverse KL as in cmdp_distill.py;
-the penalty is a loss term, not part of the reward; lambda starts at --lambda-init and, with --method dual only,
-moves by --lambda-lr; advantages centred per group (--norm-adv-std); learning rate from the same sweep as
-cmdp_distill.py (docs/results.md#choosing-the-learning-rate).
+Choices where the paper is silent (ours), each with its flag: the exact per-token reverse KL as in cmdp_distill.py
+(no flag); the penalty is a loss term differentiated through the KL, not a reward (no flag); lambda starts at
+--lambda-init and, with --method dual only, moves by --lambda-lr; advantages centred per group (--norm-adv-std);
+learning rate from the same sweep as cmdp_distill.py (docs/results.md).
 Shapes: P prompts per step and G responses per prompt (all ranks), B = P * G responses per step, R = B / world_size
-responses on this rank, M responses per micro-batch, T a micro-batch's padded length minus one, N its response tokens,
-H a hidden size.
+responses on this rank, M responses per micro-batch, T a micro-batch's padded length minus one, N response tokens
+(of the step in the loss; of a micro-batch for hidden states), H a hidden size.
 
     python lagrangian_distill.py --budget 0.05                   # dual ascent (--method dual, the default)
-    python lagrangian_distill.py --method fixed --lambda-init 1  # fixed lambda (GKD-GRPO)
+    python lagrangian_distill.py --method fixed --lambda-init 10 # fixed lambda (GKD-GRPO)
     python lagrangian_distill.py --method grpo                   # GRPO: task reward only (lambda = 0)
     python lagrangian_distill.py --method kd                     # on-policy KD (reverse KL, GKD / MiniLLM)
 """
 
 import functools
 import importlib.util
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -52,7 +51,8 @@ class Args:
     seed: int = 1
     """seed of the data order, of sampling (derived per step and generation chunk) and of torch/numpy/random"""
     student: str = "toy"
-    """student to train: hub id, local folder, .gguf file, or 'toy' (built on first use)"""
+    """student to train: hub id, local folder (e.g. a kd_warmup.py checkpoint), .gguf file, or 'toy' (built on first
+    use)"""
     teacher: str = "toy"
     """frozen teacher with the student's tokenizer: hub id, local folder, .gguf file, or 'toy'"""
     dataset: str = "toy"
@@ -82,8 +82,9 @@ class Args:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ... (under torchrun: cuda:LOCAL_RANK)"""
     dtype: str = "auto"
-    """compute dtype, 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32' or 'bfloat16': the teacher's weights and
-    the student's forward passes (autocast); the student's weights and AdamW state stay float32"""
+    """compute dtype, 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32' or 'bfloat16': the teacher's weights, the
+    student's forward passes (autocast) and, with LoRA, the student's frozen base weights; trained weights (the full
+    student, or the LoRA adapters) and their AdamW state stay float32"""
     trust_remote_code: bool = False
     """allow models whose code lives in their hub repository (runs that code)"""
     gradient_checkpointing: bool = False
@@ -123,10 +124,6 @@ class Args:
     and prefix, nats per response for sum); pick it from a pilot KD run (docs/results.md#choosing-the-budget)"""
     constraint: Literal["sum", "mean", "prefix"] = "mean"
     """cost of a response: 'sum' of its per-token KLs (the paper's), their 'mean', or the largest 'prefix' mean"""
-    warmup_steps: int = 0
-    """off-policy KD warm-up: steps of supervised training on teacher samples before RL (0 = none; for base students)"""
-    warmup_learning_rate: float = 1e-5
-    """AdamW learning rate of the warm-up (its own optimizer)"""
     diagnostic_interval: int = 10
     """every N steps, the gradient norm of each loss term on one micro-batch (losses/*_grad_norm); 0 = never"""
 
@@ -135,13 +132,13 @@ class Args:
     """baseline: 'dual' ascent on lambda; 'fixed' lambda (GKD-GRPO); 'grpo', lambda = 0 (the task reward only); 'kd',
     on-policy distillation (no task reward: lambda times the mean cost, lambda fixed)"""
     lambda_init: float | None = None
-    """lambda >= 0 at step 0 (dual) or throughout (fixed, kd): the weight of the mean cost over all responses; None: 1
-    (grpo takes none: its lambda is 0)"""
+    """lambda >= 0 at step 0 (dual) or throughout (fixed, kd), in units of reward per unit of cost: the loss is the
+    derivative of mean_i R(y_i) - lambda * cost(y_i) (times B/N); None: 1 (grpo takes none: its lambda is 0)"""
     lambda_lr: float | None = None
     """eta > 0: dual-ascent step size on (mean cost - budget) after each step, --method dual only; None: 10"""
 
 
-# ALGO LOGIC: the method as pure functions
+# ALGO LOGIC: the method as pure functions; cost(y) is common.sequence_costs (evaluation scores with it too)
 def lambda_schedule(method: str, lambda_init: float | None, lambda_lr: float | None) -> tuple[float, float]:
     """(lambda at step 0, dual step size eta) of a --method: dual (1, 10 unless given), fixed and kd (1 unless
     given, 0), grpo (0, 0)."""
@@ -193,7 +190,154 @@ def lagrangian_penalty(costs: torch.Tensor, lagrange_multiplier: float, num_toke
     return lagrange_multiplier * costs.sum() / num_tokens
 
 
-# TRY NOT TO MODIFY: argument checks, data order, sampling, evaluation, run folder
+PRINTED = ("train/reward", "train/mean_kl", "train/cost", "train/csr", "train/response_tokens", "losses/grad_norm")
+
+
+def main(args: Args) -> Path | None:
+    check_args(args)
+    # TRY NOT TO MODIFY: processes, data, models, optimizer, run folder
+    rank, world_size, device = common.init_distributed(args.device)
+    train_problems, eval_problems, tokenizer, student, teacher, autocast = load(args, rank, device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    state, run_dir, writer = start_run(args, optimizer, rank)
+    lagrange_multiplier, lambda_lr = lambda_schedule(args.method, args.lambda_init, args.lambda_lr)
+    lagrange_multiplier = state.get("lagrange_multiplier", lagrange_multiplier)  # a resume continues its lambda
+    log = functools.partial(common.log_metrics, writer, run_dir) if rank == 0 else None
+    score = functools.partial(  # (kl, logprobs) of a micro-batch, each (M, T); differentiable under grad
+        common.score,
+        student,
+        teacher_weight=teacher.get_output_embeddings().weight,
+        chunk_size=args.kl_chunk_size,
+        vocab_size=common.vocab_size(tokenizer, student, teacher),
+    )
+    evaluate = functools.partial(
+        evaluate_student,
+        args=args,
+        student=student,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        problems=eval_problems,
+        rank=rank,
+        world_size=world_size,
+        autocast=autocast,
+    )
+    G, M = args.group_size, args.micro_batch_size
+
+    if state["step"] == 0:  # a new run: evaluate the starting student
+        record = evaluate(step=0)
+        if log:
+            log(record)
+    start = state["step"]
+    for step in tqdm(range(start, args.num_steps), initial=start, total=args.num_steps, disable=rank > 0):
+        step_start = time.time()
+        # 1. sample G responses to each of this rank's prompts (micro-batches of M), and grade them: the task reward
+        problems, prompts, responses, micro_batches = sample_responses(
+            step,
+            args,
+            student=student,
+            tokenizer=tokenizer,
+            problems=train_problems,
+            rank=rank,
+            world_size=world_size,
+            autocast=autocast,
+        )
+        generate_seconds = time.time() - step_start
+        rewards = torch.tensor([float(common.is_correct(r, p["answer"])) for r, p in zip(responses, problems)])  # (R,)
+        num_tokens = int(common.all_reduce(sum(mb["response_mask"].sum() for mb in micro_batches)).item())  # the step's
+
+        # 2. score: the teacher's final hidden states on the sampled tokens, once per step: (N, H) per micro-batch,
+        # H/V of its logits' size, kept for the update (the exact KL recomputes the teacher's logits from them)
+        with torch.no_grad(), autocast():
+            teacher_hidden = [common.final_hidden(teacher, mb) for mb in micro_batches]
+        score_seconds = time.time() - step_start - generate_seconds
+
+        # ALGO LOGIC: 3. task reward (none for KD) and group-relative advantages; the penalty is in the loss
+        task_rewards = torch.zeros_like(rewards) if args.method == "kd" else rewards  # (R,)
+        advantages = group_advantages(task_rewards, G, args.norm_adv_std).to(device)  # (R,)
+
+        # ALGO LOGIC: 4. policy loss and update: policy gradient on R + lambda * cost, then the dual step
+        student.train()
+        diagnostics, old_logprobs, mean_kls, costs = {}, [], [], []  # per micro-batch, as sampled: log pi, KLbar, cost
+        for epoch in range(args.update_epochs):
+            optimizer.zero_grad(set_to_none=True)
+            totals = torch.zeros(3, dtype=torch.float64)  # policy loss, penalty, clipped tokens
+            for j, (mb, hidden) in enumerate(zip(micro_batches, teacher_hidden)):
+                rows, mask = slice(j * M, (j + 1) * M), mb["response_mask"]  # the micro-batch's responses among R
+                with autocast():
+                    kl, logprobs = score(mb, teacher_hidden=hidden)  # (M, T) each, now with gradients
+                if epoch == 0:  # the policy that sampled: the PPO ratio's reference, and the logged KL
+                    old_logprobs.append(logprobs.detach())
+                    mean_kls.append(common.masked_mean(kl.detach(), mask, dim=1))  # (M,)
+                    costs.append(common.sequence_costs(kl.detach(), mask, args.constraint))  # (M,)
+                pg_loss, clipped = policy_loss(
+                    logprobs, old_logprobs[j], advantages[rows], mask, args.clip_coef, num_tokens
+                )
+                cost = common.sequence_costs(kl, mask, args.constraint)  # (M,) differentiable
+                cost_loss = lagrangian_penalty(cost, lagrange_multiplier, num_tokens)
+                if epoch == j == rank == 0 and args.diagnostic_interval and step % args.diagnostic_interval == 0:
+                    diagnostics = common.gradient_diagnostics({"pg": pg_loss, "kl": cost_loss}, params)
+                (pg_loss + cost_loss).backward()
+                totals += torch.tensor([pg_loss.item(), cost_loss.item(), clipped.item()], dtype=torch.float64)
+            common.sync_gradients(student)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
+            optimizer.step()
+        costs = torch.cat(costs).float().cpu()  # (R,) cost(y) before the update
+        shaped_rewards = task_rewards - lagrange_multiplier * costs  # (R,) each response's Lagrangian, logged only
+        mean_cost = (common.all_reduce(costs.sum()) / (args.prompts_per_step * G)).item()  # over the B responses
+        used_multiplier = lagrange_multiplier
+        lagrange_multiplier = dual_update(lagrange_multiplier, mean_cost, args.budget, lambda_lr)
+
+        # 5. log / eval / save: metrics over the whole batch, all ranks
+        step_seconds = time.time() - step_start
+        lengths = torch.cat([mb["response_mask"].sum(1) for mb in micro_batches]).float().cpu()  # (R,)
+        mean_kls = torch.cat(mean_kls).float().cpu()  # (R,) KLbar(y)
+        per_rank = dict(reward=rewards, shaped_reward=shaped_rewards, cost=costs, mean_kl=mean_kls, length=lengths)
+        whole = {name: common.all_gather(values) for name, values in per_rank.items()}  # (B,) each
+        pg_total, cost_total, clipped_tokens = common.all_reduce(totals).tolist()
+        violating_share = (whole["cost"].view(-1, G) > args.budget).float().mean(1)  # (P,) of each group's responses
+        record = {
+            "step": step + 1,
+            "train/reward": whole["reward"].mean().item(),
+            "train/shaped_reward": whole["shaped_reward"].mean().item(),
+            "train/mean_kl": whole["mean_kl"].mean().item(),
+            "train/cost": whole["cost"].mean().item(),
+            "train/csr": (whole["cost"] <= args.budget).float().mean().item(),
+            "train/mixed_groups": ((violating_share > 0) & (violating_share < 1)).float().mean().item(),
+            "train/response_tokens": whole["length"].mean().item(),
+            "train/truncated": (whole["length"] >= args.max_new_tokens).float().mean().item(),
+            "losses/policy_loss": pg_total,
+            "losses/lagrangian_penalty": cost_total,
+            "losses/clipfrac": clipped_tokens / max(num_tokens, 1),
+            "losses/grad_norm": grad_norm,
+            "dual/lambda": used_multiplier,
+            **diagnostics,
+            "perf/tokens_per_s": num_tokens / step_seconds,
+            "perf/generate_s": generate_seconds,
+            "perf/score_s": score_seconds,
+            "perf/update_s": step_seconds - generate_seconds - score_seconds,
+        }
+        if step + 1 == args.num_steps or (args.eval_interval > 0 and (step + 1) % args.eval_interval == 0):
+            record.update(evaluate(step=step + 1))
+        if rank == 0:
+            print(f"step {step + 1} | " + " | ".join(f"{k} {record[k]:.4g}" for k in PRINTED), flush=True)
+            log(record)
+            columns = dict(prompt=prompts, response=responses, gold=[p["answer"] for p in problems], **per_rank)
+            first_group = [{"step": step + 1, **{k: v[i] for k, v in columns.items()}} for i in range(G)]
+            common.append_jsonl(run_dir / "samples.jsonl", first_group)
+        if step + 1 == args.num_steps or (args.save_interval > 0 and (step + 1) % args.save_interval == 0):
+            if rank == 0:
+                trainer_state = {"step": step + 1, "optimizer": optimizer.state_dict()}
+                trainer_state["lagrange_multiplier"] = lagrange_multiplier
+                common.save_checkpoint(run_dir / f"checkpoint-{step + 1}", student, tokenizer, trainer_state, args)
+            common.barrier()
+    if rank == 0:
+        common.close_writer(writer)
+    common.destroy_distributed()
+    return run_dir
+
+
+# TRY NOT TO MODIFY: argument checks, data order, sampling, evaluation, loading, run folder
 def check_args(args: Args) -> None:
     """Reject bad values with one sentence each (common.InputError), before anything loads."""
     common.check_finite(args)
@@ -203,10 +347,10 @@ def check_args(args: Args) -> None:
     if args.group_size < 2:
         raise Error(f"--group-size must be >= 2 (advantages are relative to the group), got {args.group_size}")
     positive = ("num_steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "update_epochs", "kl_chunk_size")
-    for name in (*positive, "eval_limit", "learning_rate", "warmup_learning_rate", "temperature"):
+    for name in (*positive, "eval_limit", "learning_rate", "temperature"):
         if getattr(args, name) <= 0:
             raise Error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("warmup_steps", "diagnostic_interval", "eval_interval", "save_interval", "max_grad_norm", "clip_coef"):
+    for name in ("diagnostic_interval", "eval_interval", "save_interval", "max_grad_norm", "clip_coef"):
         if getattr(args, name) < 0:
             raise Error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.prompts_per_step % world_size:
@@ -224,15 +368,7 @@ def check_args(args: Args) -> None:
     if args.track and importlib.util.find_spec("wandb") is None:
         raise Error("--track logs to Weights & Biases, which is not installed: pip install wandb==0.31.0")
     if args.resume:
-        if not (Path(args.resume) / "trainer_state.pt").is_file():
-            raise Error(f"--resume {args.resume!r} is not a checkpoint folder (it has no trainer_state.pt)")
-        saved = json.loads((Path(args.resume) / "args.json").read_text())
-        for name in ("seed", "prompts_per_step", "group_size", "dataset"):  # they fix the data order and the batches
-            if saved.get(name) != getattr(args, name):
-                raise Error(
-                    f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved.get(name)}, "
-                    f"not {getattr(args, name)}; resume with the same value (or start a new run)"
-                )
+        common.check_resume(args, same=("seed", "prompts_per_step", "group_size", "dataset"))  # the data order
     for flag, value in (("--student", args.student), ("--teacher", args.teacher)):
         if value != "toy":
             common.check_model_path(value, flag)
@@ -264,42 +400,36 @@ def batch_indices(step: int, batch_size: int, num_problems: int, seed: int) -> l
 
 
 @torch.no_grad()
-def get_batch(step: int, args: Args, student, teacher, tokenizer, train_problems, rank: int, world_size: int, autocast):
-    """Steps 1-2 for this rank: G responses sampled from the student for each of its P / world_size prompts (a group
-    stays whole on one rank; each generation chunk is seeded by (seed, step, chunk), so the samples do not depend on
-    the number of ranks), their task rewards, and micro-batches holding the teacher's final hidden states on the
-    student's tokens (N, H): H/V of its logits' size, kept for the update, so the teacher runs once per step.
-    Returns (problems, prompts, responses, rewards (R,), micro-batches, seconds spent generating)."""
-    start, M, per_rank = time.time(), args.micro_batch_size, args.prompts_per_step // world_size
-    indices = batch_indices(step, args.prompts_per_step, len(train_problems), args.seed)
-    problems = [
-        train_problems[i] for i in indices[rank * per_rank : (rank + 1) * per_rank] for _ in range(args.group_size)
-    ]
-    prompts = [common.render_prompt(tokenizer, p["question"]) for p in problems]  # (R,) groups are consecutive
+def sample_responses(step: int, args: Args, *, student, tokenizer, problems, rank: int, world_size: int, autocast):
+    """Step 1 on this rank: G responses sampled from the student for each of its P / world_size prompts (a group
+    stays whole on one rank; each generation chunk of M is seeded by (seed, step, chunk), so the samples do not
+    depend on the number of ranks). Returns (problems (R,), prompts (R,), responses (R,) decoded, micro-batches of M
+    (common.pad_sequences: input_ids, attention_mask, position_ids, response_mask))."""
+    M, per_rank = args.micro_batch_size, args.prompts_per_step // world_size
+    indices = batch_indices(step, args.prompts_per_step, len(problems), args.seed)
+    chosen = [problems[i] for i in indices[rank * per_rank : (rank + 1) * per_rank] for _ in range(args.group_size)]
+    prompts = [common.render_prompt(tokenizer, p["question"]) for p in chosen]  # groups are consecutive
     pairs, first_chunk = [], rank * len(prompts) // M
     with autocast():
         for j in range(0, len(prompts), M):
             torch.manual_seed(common.derive_seed(args.seed, step, first_chunk + j // M))
             pairs += common.generate(student, tokenizer, prompts[j : j + M], args.max_new_tokens, args.temperature, M)
     responses = [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
-    generate_seconds = time.time() - start
-    rewards = torch.tensor([float(common.is_correct(r, p["answer"])) for r, p in zip(responses, problems)])  # (R,)
     micro_batches = [
         common.pad_sequences(pairs[j : j + M], tokenizer.pad_token_id, student.device) for j in range(0, len(pairs), M)
     ]
-    with autocast():
-        for mb in micro_batches:
-            mb["teacher_hidden"] = common.final_hidden(teacher, mb)  # (N, H)
-    return problems, prompts, responses, rewards, micro_batches, generate_seconds
+    return chosen, prompts, responses, micro_batches
 
 
-def evaluate(step: int, args: Args, student, teacher, tokenizer, eval_problems, rank: int, world_size: int, autocast):
+def evaluate_student(
+    step: int, *, args: Args, student, teacher, tokenizer, problems, rank: int, world_size: int, autocast
+) -> dict:
     """Greedy eval on the held-out problems, split across ranks (counts summed): {"step", "eval/..."}."""
     with autocast():
         records, _ = common.evaluate(
             student,
             tokenizer,
-            eval_problems[rank::world_size],
+            problems[rank::world_size],
             max_new_tokens=args.max_new_tokens,
             batch_size=args.micro_batch_size,
             teacher=teacher,
@@ -318,8 +448,8 @@ def evaluate(step: int, args: Args, student, teacher, tokenizer, eval_problems, 
 
 
 def load(args: Args, rank: int, device: torch.device):
-    """Problems, tokenizer and models: the student in float32 with dropout off, the teacher frozen in --dtype; and
-    the autocast context in which both compute."""
+    """Problems, tokenizer and models: the student with dropout off, the teacher frozen in --dtype; and the autocast
+    context in which both compute."""
     if rank != 0:
         common.barrier()  # rank 0 builds the toy task first, if it must
     student_path = args.resume or toy_math.resolve(args.student, "student")
@@ -332,8 +462,11 @@ def load(args: Args, rank: int, device: torch.device):
     common.check_same_tokenizer(tokenizer, common.load_tokenizer(teacher_path, args.trust_remote_code))
     common.seed_everything(args.seed)
     dtype = common.resolve_dtype(args.dtype, device)
-    # float32 master weights: in bf16, Adam steps of lr ~1e-6 round to nothing; the compute still runs in dtype
-    student = common.load_model(student_path, device, torch.float32, args.trust_remote_code)
+    # Trained weights in float32 (in bf16, AdamW steps of lr ~1e-6 round to nothing), computing in dtype under
+    # autocast. With LoRA the frozen base is held in dtype: half its memory, and no cast at every decode step
+    # (autocast keeps its cast copies of weights that require grad only); add_lora makes the adapters float32.
+    student_dtype = dtype if args.lora_rank else torch.float32
+    student = common.load_model(student_path, device, student_dtype, args.trust_remote_code)
     student = common.add_lora(student, args.lora_rank, args.lora_alpha, args.lora_target_modules)  # rank 0: unchanged
     common.disable_dropout(student)  # the update's forward must score the policy that sampled
     if args.gradient_checkpointing:
@@ -342,35 +475,6 @@ def load(args: Args, rank: int, device: torch.device):
     teacher = common.load_model(teacher_path, device, dtype, args.trust_remote_code).eval().requires_grad_(False)
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
     return train_problems, eval_problems[: args.eval_limit], tokenizer, student, teacher, autocast
-
-
-def warmup_and_first_eval(
-    args: Args, student, teacher, tokenizer, train_problems, eval_problems, rank, world_size, autocast, log
-) -> None:
-    """Before step 1 of a new run: the off-policy KD warm-up (--warmup-steps), then the step-0 evaluation."""
-    if args.warmup_steps:
-        common.offpolicy_kd_warmup(
-            student,
-            teacher,
-            tokenizer,
-            train_problems,
-            steps=args.warmup_steps,
-            prompts_per_step=args.prompts_per_step,
-            group_size=args.group_size,
-            micro_batch_size=args.micro_batch_size,
-            learning_rate=args.warmup_learning_rate,
-            max_new_tokens=args.max_new_tokens,
-            max_grad_norm=args.max_grad_norm,
-            kl_chunk_size=args.kl_chunk_size,
-            seed=args.seed,
-            autocast=autocast,
-            rank=rank,
-            world_size=world_size,
-            log=log,
-        )
-    record = evaluate(0, args, student, teacher, tokenizer, eval_problems, rank, world_size, autocast)
-    if log:
-        log(record)
 
 
 def start_run(args: Args, optimizer, rank: int):
@@ -395,132 +499,6 @@ def start_run(args: Args, optimizer, rank: int):
         run_dir = common.make_run_dir(args)
     print(f"run folder: {run_dir}", flush=True)
     return state, run_dir, common.make_writer(run_dir, args, purge_step=state["step"] if args.resume else None)
-
-
-PRINTED = (
-    "train/reward",
-    "train/mean_kl",
-    "train/cost",
-    "train/csr",
-    "train/response_tokens",
-    "losses/grad_norm",
-)  # on stdout, each log step
-
-
-def main(args: Args) -> Path | None:
-    check_args(args)
-    # TRY NOT TO MODIFY: data, models, optimizer, run folder
-    rank, world_size, device = common.init_distributed(args.device)
-    train_problems, eval_problems, tokenizer, student, teacher, autocast = load(args, rank, device)
-    models, vocab = (student, teacher, tokenizer), common.vocab_size(tokenizer, student, teacher)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
-    state, run_dir, writer = start_run(args, optimizer, rank)
-    lagrange_multiplier, lambda_lr = lambda_schedule(args.method, args.lambda_init, args.lambda_lr)
-    lagrange_multiplier = state.get("lagrange_multiplier", lagrange_multiplier)  # a resume continues its lambda
-    log = functools.partial(common.log_metrics, writer, run_dir) if rank == 0 else None
-    teacher_head = teacher.get_output_embeddings().weight
-    score = functools.partial(
-        common.score, student, teacher_weight=teacher_head, chunk_size=args.kl_chunk_size, vocab_size=vocab
-    )  # (kl, logprobs, teacher_logprobs) of a micro-batch, each (M, T)
-    B, G, M = args.prompts_per_step * args.group_size, args.group_size, args.micro_batch_size
-
-    if state["step"] == 0:  # a new run
-        warmup_and_first_eval(args, *models, train_problems, eval_problems, rank, world_size, autocast, log)
-    start = state["step"]
-    for step in tqdm(range(start, args.num_steps), initial=start, total=args.num_steps, disable=rank > 0):
-        step_start = time.time()
-        # 1. sample G responses per prompt; 2. score them: task reward, the teacher's hidden states on their tokens
-        problems, prompts, responses, rewards, micro_batches, generate_seconds = get_batch(
-            step, args, *models, train_problems, rank, world_size, autocast
-        )
-        num_tokens = int(common.all_reduce(sum(mb["response_mask"].sum() for mb in micro_batches)).item())  # all ranks
-
-        score_seconds = 0.0  # the costs come from the update's own forward pass: none is needed before it
-
-        # ALGO LOGIC: 3. task reward (none for KD) and group-relative advantages; the penalty is in the loss
-        task_rewards = torch.zeros_like(rewards) if args.method == "kd" else rewards  # (R,)
-        advantages = group_advantages(task_rewards, G, args.norm_adv_std).to(device)  # (R,)
-
-        # ALGO LOGIC: 4. policy loss and update: policy gradient on R + lambda * mean cost, then the dual step
-        student.train()
-        diagnostics = {}
-        for epoch in range(args.update_epochs):
-            optimizer.zero_grad(set_to_none=True)
-            totals = torch.zeros(3, dtype=torch.float64)  # policy loss, penalty, clipped tokens
-            for j, mb in enumerate(micro_batches):
-                rows = slice(j * M, (j + 1) * M)  # the micro-batch's responses among the rank's R
-                with autocast():
-                    kl, logprobs, _ = score(mb)  # (M, T) each, now with gradients
-                if epoch == 0:  # the policy that sampled: the PPO ratio's reference, and the logged KL
-                    mb["old_logprobs"] = logprobs.detach()
-                    mb["mean_kl"] = common.masked_mean(kl.detach(), mb["response_mask"], dim=1)  # (M,)
-                    mb["cost"] = common.sequence_costs(kl.detach(), mb["response_mask"], args.constraint)  # (M,)
-                mask, old_logprobs, mb_advantages = mb["response_mask"], mb["old_logprobs"], advantages[rows]
-                pg_loss, clipped = policy_loss(logprobs, old_logprobs, mb_advantages, mask, args.clip_coef, num_tokens)
-                costs = common.sequence_costs(kl, mask, args.constraint)  # (M,) differentiable
-                cost_loss = lagrangian_penalty(costs, lagrange_multiplier, num_tokens)
-                if epoch == j == rank == 0 and args.diagnostic_interval and step % args.diagnostic_interval == 0:
-                    diagnostics = common.gradient_diagnostics({"pg": pg_loss, "kl": cost_loss}, params)
-                (pg_loss + cost_loss).backward()
-                totals += torch.tensor([pg_loss.item(), cost_loss.item(), clipped.item()], dtype=torch.float64)
-            common.sync_gradients(student)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
-            optimizer.step()
-        costs = torch.cat([mb["cost"] for mb in micro_batches]).float().cpu()  # (R,) cost(y) before the update
-        lagrangian = task_rewards - lagrange_multiplier * costs  # (R,) each response's Lagrangian, logged only
-        mean_cost = (common.all_reduce(costs.sum()) / B).item()
-        used_multiplier = lagrange_multiplier
-        lagrange_multiplier = dual_update(lagrange_multiplier, mean_cost, args.budget, lambda_lr)
-
-        # 5. log / eval / save (metrics over all ranks)
-        step_seconds = time.time() - step_start
-        lengths = torch.cat([mb["response_mask"].sum(1) for mb in micro_batches]).float().cpu()  # (R,)
-        mean_kls = torch.cat([mb["mean_kl"] for mb in micro_batches]).float().cpu()  # (R,) KLbar(y)
-        rewards, costs, mean_kls, lengths = map(common.all_gather, (rewards, costs, mean_kls, lengths))  # (B,) each
-        lagrangian = common.all_gather(lagrangian)  # (B,)
-        pg_total, cost_total, clipped_tokens = common.all_reduce(totals).tolist()
-        violating_share = (costs.view(-1, G) > args.budget).float().mean(1)  # (P,) of each group's responses
-        record = {
-            "step": step + 1,
-            "train/reward": rewards.mean().item(),
-            "train/lagrangian": lagrangian.mean().item(),
-            "train/mean_kl": mean_kls.mean().item(),
-            "train/cost": costs.mean().item(),
-            "train/csr": (costs <= args.budget).float().mean().item(),
-            "train/mixed_groups": ((violating_share > 0) & (violating_share < 1)).float().mean().item(),
-            "train/response_tokens": lengths.mean().item(),
-            "train/truncated": (lengths >= args.max_new_tokens).float().mean().item(),
-            "losses/policy_loss": pg_total,
-            "losses/lagrangian_penalty": cost_total,
-            "losses/clipfrac": clipped_tokens / max(num_tokens, 1),
-            "losses/grad_norm": grad_norm,
-            "dual/lambda": used_multiplier,
-            **diagnostics,
-            "perf/tokens_per_s": num_tokens / step_seconds,
-            "perf/generate_s": generate_seconds,
-            "perf/score_s": score_seconds,
-            "perf/update_s": step_seconds - generate_seconds - score_seconds,
-        }
-        if step + 1 == args.num_steps or (args.eval_interval > 0 and (step + 1) % args.eval_interval == 0):
-            record.update(evaluate(step + 1, args, *models, eval_problems, rank, world_size, autocast))
-        if rank == 0:
-            print(f"step {step + 1} | " + " | ".join(f"{k} {record[k]:.4g}" for k in PRINTED), flush=True)
-            log(record)
-            columns = dict(prompt=prompts, response=responses, gold=[p["answer"] for p in problems], reward=rewards)
-            columns.update(cost=costs, mean_kl=mean_kls, lagrangian=lagrangian)
-            first_group = [{"step": step + 1, **{k: v[i] for k, v in columns.items()}} for i in range(G)]
-            common.append_jsonl(run_dir / "samples.jsonl", first_group)
-        if step + 1 == args.num_steps or (args.save_interval > 0 and (step + 1) % args.save_interval == 0):
-            if rank == 0:
-                trainer_state = {"step": step + 1, "optimizer": optimizer.state_dict()}
-                trainer_state["lagrange_multiplier"] = lagrange_multiplier
-                common.save_checkpoint(run_dir / f"checkpoint-{step + 1}", student, tokenizer, trainer_state, args)
-            common.barrier()
-    if rank == 0:
-        common.close_writer(writer)
-    common.destroy_distributed()
-    return run_dir
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def naive(hs, ws, ht, wt, y, chunk):
 
 
 def from_hidden(hs, ws, ht, wt, y, chunk):
-    kl, lp, _ = kl_from_hidden(hs, ws, ht, wt, y, chunk)
+    kl, lp = kl_from_hidden(hs, ws, ht, wt, y, chunk)
     return kl, lp
 
 

@@ -1,10 +1,11 @@
 """What drives a CMDP update: the gradient norm of each loss term on one batch, before and after the paper's reward.
 
 Samples one batch of prompts_per_step x group_size responses from a student (seeded), scores it against the teacher,
-and computes on the same batch the gradient of the policy-gradient term (I) and of the KL term (II) under two
-definitions of cmdp_distill.py:
-  before (commit 63882d6): R~ = -1 for violators, and a violator-KL term beta_v / (number of violators) sum_viol KLbar
-  now (the paper's form):  R~ = -(n + phi(y)) for violators, n = 20, and (II) = 1/B sum_viol phi(y)
+and computes on the same batch the gradient of the policy-gradient term (I) and of the KL term (II) under three
+definitions of cmdp_distill.py, (I) = -1/N sum_{i,t} A_i log pi (N the batch's response tokens) in each:
+  commit 63882d6:      R~ = -1 for violators, and (II) = 1 / (number of violators) sum_viol KLbar
+  commit 3902674:      R~ = -(n + phi(y)) for violators, n = 20, and (II) = 1/B sum_viol phi(y), B the responses
+  now (the derivative): R~ = -(n + phi(y)), and (II) = 1/N sum_viol phi(y), as (I): the derivative of J_n x B/N
 It prints each term's gradient norm and the cosine of the total update with each term (a cosine near 1 means that
 term alone decides the update's direction).
 
@@ -67,19 +68,23 @@ def main(args: Args) -> None:
         mask = batch["response_mask"]
         num_tokens = int(mask.sum())
         with torch.no_grad():
-            batch["teacher_hidden"] = common.final_hidden(teacher, batch)
-        kl, logprobs, _ = common.score(student, batch, teacher.get_output_embeddings().weight, 1024, vocab)
+            teacher_hidden = common.final_hidden(teacher, batch)
+        kl, logprobs = common.score(student, batch, teacher_hidden, teacher.get_output_embeddings().weight, 1024, vocab)
         phi = common.sequence_costs(kl, mask, "mean")  # (B,) differentiable
         violated = phi.detach() > args.budget
         batch_size = len(pairs)
         definitions = {
-            "before (63882d6)": (
+            "63882d6": (
                 torch.where(violated, torch.full_like(rewards, -1.0), rewards),
                 (phi * violated).sum() / max(int(violated.sum()), 1),
             ),
-            "now (paper form)": (
+            "3902674, (II) / B": (
                 cmdp.modified_rewards(rewards, phi.detach(), args.budget, 20.0),
-                cmdp.explicit_cost_loss(phi, violated, batch_size, 1.0),
+                cmdp.explicit_cost_loss(phi, violated, batch_size, 1.0),  # its third argument divides
+            ),
+            "now, (II) / N": (
+                cmdp.modified_rewards(rewards, phi.detach(), args.budget, 20.0),
+                cmdp.explicit_cost_loss(phi, violated, num_tokens, 1.0),
             ),
         }
         for name, (shaped, kl_term) in definitions.items():

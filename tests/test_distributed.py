@@ -9,8 +9,8 @@ from conftest import read_metrics, run_distributed, tiny_run_args
 
 SCRIPTS = ("cmdp_distill.py", "lagrangian_distill.py")
 METHOD_KEYS = {
-    "cmdp_distill.py": ("train/modified_reward", "losses/explicit_cost_loss"),
-    "lagrangian_distill.py": ("train/lagrangian", "losses/lagrangian_penalty"),
+    "cmdp_distill.py": ("train/shaped_reward", "losses/explicit_cost_loss"),
+    "lagrangian_distill.py": ("train/shaped_reward", "losses/lagrangian_penalty"),
 }
 
 

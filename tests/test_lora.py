@@ -33,8 +33,8 @@ def _batch(model, tokenizer, seed: int = 0) -> dict:
 
 def _logprobs(model, batch: dict, vocab: int) -> torch.Tensor:
     with torch.no_grad():  # the model scores itself as the teacher: only its log-probs are compared
-        batch = dict(batch, teacher_hidden=common.final_hidden(model, batch))
-    return common.score(model, batch, model.get_output_embeddings().weight.detach(), 64, vocab)[1]  # (B, T)
+        teacher_hidden = common.final_hidden(model, batch)
+    return common.score(model, batch, teacher_hidden, model.get_output_embeddings().weight.detach(), 64, vocab)[1]
 
 
 def _check_lora_step(folder: str, targets: tuple[str, ...] = common.LORA_TARGETS) -> None:
