@@ -1113,10 +1113,85 @@ def barrier() -> None:
         dist.barrier()
 
 
+_DOT_CHUNK = 2**24  # elements: the fp32 copies of a bf16 gradient are made this many at a time (64 MB each)
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x . y accumulated in float32 (0-dim, on x's device) for same-shaped tensors of any float dtype, without a
+    whole-tensor float32 copy of a bf16/fp16 one."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    if x.dtype == y.dtype == torch.float32:
+        return torch.dot(x, y)
+    parts = zip(x.split(_DOT_CHUNK), y.split(_DOT_CHUNK))
+    return torch.stack([torch.dot(a.float(), b.to(device=a.device, dtype=torch.float32)) for a, b in parts]).sum()
+
+
+def backward_with_diagnostics(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
+    """The backward of the sum of two loss terms, as `(loss_a + loss_b).backward()`, that also measures what drives
+    the update: the gradient norm of each term on this micro-batch and the cosine of their sum with each (a term that
+    swamps the other shows as a cosine near 1). Returns losses/{a}_grad_norm, losses/{b}_grad_norm,
+    losses/cos_total_{a}, losses/cos_total_{b}.
+
+    No gradient-sized copy: loss_a's backward (graph kept) leaves a in .grad, where |a|^2 is read; then hooks on the
+    parameters see each b_p before autograd adds it to .grad (= a_p) and sum b_p . b_p and a_p . b_p, and loss_b's
+    backward leaves a + b in .grad. A parameter used twice (tied input and output embeddings) gets one hook call with
+    its summed gradient. Costs one extra backward of this micro-batch; memory beyond a plain backward: the graph
+    stays whole through loss_a's backward. Dot products accumulate in float32. A term that does not require grad
+    (a constant, e.g. no violators) has gradient 0.
+
+    .grad must be None or zero on entry (call it on a step's first micro-batch, after optimizer.zero_grad()); every
+    parameter must get its gradient in one piece per backward (not so under reentrant activation checkpointing;
+    transformers' default is non-reentrant): both are checked."""
+    (name_a, loss_a), (name_b, loss_b) = terms.items()
+    params = list({id(p): p for p in params if p.requires_grad}.values())  # one hook per tensor
+    held = [i for i, p in enumerate(params) if p.grad is not None and bool(p.grad.any())]
+    if held:
+        raise ValueError(
+            f"backward_with_diagnostics needs every gradient None or zero on entry, but {len(held)} parameter(s) "
+            f"(the first: number {held[0]}) hold one: call it on the step's first micro-batch, after zero_grad()."
+        )
+    aa, bb, ab, calls = [], [], [], {}  # float32 0-dim tensors per parameter: |a_p|^2, |b_p|^2, a_p . b_p
+
+    if loss_a.requires_grad:
+        loss_a.backward(retain_graph=loss_b.requires_grad)
+        aa = [_dot(p.grad, p.grad) for p in params if p.grad is not None]
+
+    def hook(p):
+        def measure(b):  # b: this parameter's whole gradient of loss_b, not yet added to p.grad
+            calls[id(p)] = calls.get(id(p), 0) + 1
+            bb.append(_dot(b, b))
+            if p.grad is not None:
+                ab.append(_dot(b, p.grad))
+
+        return measure
+
+    if loss_b.requires_grad:
+        handles = [p.register_hook(hook(p)) for p in params]
+        try:
+            loss_b.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+    if any(n > 1 for n in calls.values()):
+        raise RuntimeError(
+            "backward_with_diagnostics saw a parameter's gradient arrive in parts (reentrant activation "
+            "checkpointing?), so its norms would be wrong; use non-reentrant checkpointing."
+        )
+    aa, bb, ab = (sum(t.item() for t in parts) for parts in (aa, bb, ab))
+    total = max(aa + bb + 2 * ab, 0.0) ** 0.5  # norm of the sum, from the three dot products
+    return {
+        f"losses/{name_a}_grad_norm": aa**0.5,
+        f"losses/{name_b}_grad_norm": bb**0.5,
+        f"losses/cos_total_{name_a}": (aa + ab) / max(total * aa**0.5, 1e-30),
+        f"losses/cos_total_{name_b}": (bb + ab) / max(total * bb**0.5, 1e-30),
+    }
+
+
 def gradient_diagnostics(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
     """What drives an update: the gradient norm of each of two loss terms on one micro-batch, and the cosine of
     their sum with each (a term that swamps the other shows as a cosine near 1). Leaves .grad untouched; holds
-    two gradient copies while it runs."""
+    two gradient copies while it runs. Superseded by backward_with_diagnostics (the same numbers, no copy); kept
+    while the training scripts and benchmark/grad_terms.py still call it."""
     (name_a, loss_a), (name_b, loss_b) = terms.items()
     grads = []
     for loss in (loss_a, loss_b):
