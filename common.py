@@ -1031,14 +1031,21 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-_DIST_DEVICE: torch.device | None = None  # where collectives run: cuda:LOCAL_RANK for nccl, cpu for gloo
+def _collective_device() -> torch.device | None:
+    """Where this process's collectives run, None outside a process group (a plain `python script.py` run, or after
+    destroy_distributed): nccl works on the current CUDA device (init_distributed set it to cuda:LOCAL_RANK), gloo
+    on the CPU. Read from torch.distributed itself, so no module state can disagree with the process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if "nccl" in str(torch.distributed.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def init_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: nccl on CUDA, one GPU
     per process (cuda:LOCAL_RANK); gloo on CPU. A plain `python script.py` run is rank 0 of 1 and never touches
     torch.distributed."""
-    global _DIST_DEVICE
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     resolved = resolve_device(device)
     if world_size == 1:
@@ -1047,70 +1054,175 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
     if resolved.type == "cuda":
         resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(resolved)
+        torch.cuda.set_device(resolved)  # nccl's collectives, and _collective_device, use the current device
     dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
-    _DIST_DEVICE = resolved
     return dist.get_rank(), world_size, resolved
 
 
 def destroy_distributed() -> None:
     """Leave the process group at the end of a torchrun run, all ranks together, as torch.distributed asks: ranks
     that exited with it alive were seen to abort at interpreter exit after their last checkpoint."""
-    global _DIST_DEVICE
-    if _DIST_DEVICE is not None:
+    if _collective_device() is not None:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
-        _DIST_DEVICE = None
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum of x over ranks (x itself in a single process); returned on x's device."""
-    if _DIST_DEVICE is None:
+    device = _collective_device()
+    if device is None:
         return x
     import torch.distributed as dist
 
-    y = x.detach().to(_DIST_DEVICE).clone()
+    y = x.detach().to(device).clone()
     dist.all_reduce(y)
     return y.to(x.device)
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenation over ranks, in rank order, along dim 0 (same shape on every rank); x in a single process."""
-    if _DIST_DEVICE is None:
+    device = _collective_device()
+    if device is None:
         return x
     import torch.distributed as dist
 
-    parts = [torch.empty_like(x, device=_DIST_DEVICE) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().to(_DIST_DEVICE).contiguous())
+    parts = [torch.empty_like(x, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().to(device).contiguous())
     return torch.cat(parts).to(x.device)
 
 
-def sync_gradients(model) -> None:
+def sync_gradients(model, bucket_bytes: int = 256 * 2**20) -> None:
     """Sum each gradient over ranks. Every rank normalises its loss by the global token and response counts, so
     the sum is the gradient of the whole batch's loss, the same as one process on the whole batch (explicit
-    all-reduce as in CleanRL's multi-GPU PPO; DDP's hooks would not see the calls that bypass forward())."""
-    if _DIST_DEVICE is None:
+    all-reduce as in CleanRL's multi-GPU PPO; DDP's hooks would not see the calls that bypass forward()).
+
+    As CleanRL's PPO, the gradients travel flattened, one all-reduce per bucket instead of one per parameter (a Qwen
+    model has ~340 tensors), but in buckets of at most bucket_bytes instead of one flat copy of them all (6.2 GB in
+    fp32 for a 1.5B model): 256 MiB bounds the transient copy to ~4% of a 1.5B model's fp32 gradients and makes
+    ~25 collectives of it, each far past the few tens of MB at which an all-reduce reaches its full bandwidth. (DDP's
+    25 MB default is small so that buckets can start during the backward; this sync runs after it.) Buckets group
+    consecutive parameters of one dtype and device; a gradient alone in its bucket (one larger than bucket_bytes)
+    is reduced in place, with no copy. A parameter whose .grad is None on every rank stays None; one that has a
+    gradient on some rank only gets zeros on the others first, so all ranks build the same buckets: that takes one
+    small all-reduce of a flag per parameter. The sums are the per-parameter all-reduce's, element for element."""
+    device = _collective_device()
+    if device is None:
         return
     import torch.distributed as dist
 
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    buckets, sizes = {}, {}  # (dtype, device) -> its buckets, each a list of gradients; the last one's bytes
+    for p, anywhere in zip(params, present.tolist()):
+        if not anywhere:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        key, nbytes = (p.grad.dtype, p.grad.device), p.grad.numel() * p.grad.element_size()
+        if key not in buckets or sizes[key] + nbytes > bucket_bytes:
+            buckets.setdefault(key, []).append([])
+            sizes[key] = 0
+        buckets[key][-1].append(p.grad)
+        sizes[key] += nbytes
+    for grads in (bucket for same_kind in buckets.values() for bucket in same_kind):
+        if len(grads) == 1 and grads[0].device == device and grads[0].is_contiguous():
+            dist.all_reduce(grads[0])
+            continue
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(device)
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def barrier() -> None:
-    if _DIST_DEVICE is not None:
+    if _collective_device() is not None:
         import torch.distributed as dist
 
         dist.barrier()
 
 
+_DOT_CHUNK = 2**24  # elements: the fp32 copies of a bf16 gradient are made this many at a time (64 MB each)
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x . y accumulated in float32 (0-dim, on x's device) for same-shaped tensors of any float dtype, without a
+    whole-tensor float32 copy of a bf16/fp16 one."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    if x.dtype == y.dtype == torch.float32:
+        return torch.dot(x, y)
+    parts = zip(x.split(_DOT_CHUNK), y.split(_DOT_CHUNK))
+    return torch.stack([torch.dot(a.float(), b.to(device=a.device, dtype=torch.float32)) for a, b in parts]).sum()
+
+
+def backward_with_diagnostics(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
+    """The backward of the sum of two loss terms, as `(loss_a + loss_b).backward()`, that also measures what drives
+    the update: the gradient norm of each term on this micro-batch and the cosine of their sum with each (a term that
+    swamps the other shows as a cosine near 1). Returns losses/{a}_grad_norm, losses/{b}_grad_norm,
+    losses/cos_total_{a}, losses/cos_total_{b}.
+
+    No gradient-sized copy: loss_a's backward (graph kept) leaves a in .grad, where |a|^2 is read; then hooks on the
+    parameters see each b_p before autograd adds it to .grad (= a_p) and sum b_p . b_p and a_p . b_p, and loss_b's
+    backward leaves a + b in .grad. A parameter used twice (tied input and output embeddings) gets one hook call with
+    its summed gradient. Costs one extra backward of this micro-batch; memory beyond a plain backward: the graph
+    stays whole through loss_a's backward. Dot products accumulate in float32. A term that does not require grad
+    (a constant, e.g. no violators) has gradient 0.
+
+    .grad must be None or zero on entry (call it on a step's first micro-batch, after optimizer.zero_grad()); every
+    parameter must get its gradient in one piece per backward (not so under reentrant activation checkpointing;
+    transformers' default is non-reentrant): both are checked."""
+    (name_a, loss_a), (name_b, loss_b) = terms.items()
+    params = list({id(p): p for p in params if p.requires_grad}.values())  # one hook per tensor
+    held = [i for i, p in enumerate(params) if p.grad is not None and bool(p.grad.any())]
+    if held:
+        raise ValueError(
+            f"backward_with_diagnostics needs every gradient None or zero on entry, but {len(held)} parameter(s) "
+            f"(the first: number {held[0]}) hold one: call it on the step's first micro-batch, after zero_grad()."
+        )
+    aa, bb, ab, calls = [], [], [], {}  # float32 0-dim tensors per parameter: |a_p|^2, |b_p|^2, a_p . b_p
+
+    if loss_a.requires_grad:
+        loss_a.backward(retain_graph=loss_b.requires_grad)
+        aa = [_dot(p.grad, p.grad) for p in params if p.grad is not None]
+
+    def hook(p):
+        def measure(b):  # b: this parameter's whole gradient of loss_b, not yet added to p.grad
+            calls[id(p)] = calls.get(id(p), 0) + 1
+            bb.append(_dot(b, b))
+            if p.grad is not None:
+                ab.append(_dot(b, p.grad))
+
+        return measure
+
+    if loss_b.requires_grad:
+        handles = [p.register_hook(hook(p)) for p in params]
+        try:
+            loss_b.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+    if any(n > 1 for n in calls.values()):
+        raise RuntimeError(
+            "backward_with_diagnostics saw a parameter's gradient arrive in parts (reentrant activation "
+            "checkpointing?), so its norms would be wrong; use non-reentrant checkpointing."
+        )
+    aa, bb, ab = (sum(t.item() for t in parts) for parts in (aa, bb, ab))
+    total = max(aa + bb + 2 * ab, 0.0) ** 0.5  # norm of the sum, from the three dot products
+    return {
+        f"losses/{name_a}_grad_norm": aa**0.5,
+        f"losses/{name_b}_grad_norm": bb**0.5,
+        f"losses/cos_total_{name_a}": (aa + ab) / max(total * aa**0.5, 1e-30),
+        f"losses/cos_total_{name_b}": (bb + ab) / max(total * bb**0.5, 1e-30),
+    }
+
+
 def gradient_diagnostics(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
     """What drives an update: the gradient norm of each of two loss terms on one micro-batch, and the cosine of
     their sum with each (a term that swamps the other shows as a cosine near 1). Leaves .grad untouched; holds
-    two gradient copies while it runs."""
+    two gradient copies while it runs. Superseded by backward_with_diagnostics (the same numbers, no copy); kept
+    while the training scripts and benchmark/grad_terms.py still call it."""
     (name_a, loss_a), (name_b, loss_b) = terms.items()
     grads = []
     for loss in (loss_a, loss_b):

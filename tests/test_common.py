@@ -328,6 +328,120 @@ def test_gradient_diagnostics_norms_and_cosines():
     assert out["losses/kl_grad_norm"] == 0 and out["losses/cos_total_pg"] == pytest.approx(1.0)
 
 
+def test_backward_with_diagnostics_norms_cosines_and_the_summed_gradient():
+    w = torch.zeros(3, requires_grad=True)
+    a, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])
+    out = common.backward_with_diagnostics({"pg": (a * w).sum(), "kl": (b * w).sum()}, [w])
+    assert list(out) == ["losses/pg_grad_norm", "losses/kl_grad_norm", "losses/cos_total_pg", "losses/cos_total_kl"]
+    assert out["losses/pg_grad_norm"] == pytest.approx(3.0) and out["losses/kl_grad_norm"] == pytest.approx(4.0)
+    assert out["losses/cos_total_pg"] == pytest.approx(3 / 5) and out["losses/cos_total_kl"] == pytest.approx(4 / 5)
+    assert torch.equal(w.grad, a + b)  # the update's own backward, done
+    for kl in (torch.tensor(0.0), 0.0 * (b * w).sum()):  # a constant term (no violators), and one with zero gradient
+        w.grad = None
+        out = common.backward_with_diagnostics({"pg": (a * w).sum(), "kl": kl}, [w])
+        assert out["losses/kl_grad_norm"] == 0 and out["losses/cos_total_pg"] == pytest.approx(1.0)
+        assert out["losses/cos_total_kl"] == 0 and torch.equal(w.grad, a)
+    w.grad = None
+    out = common.backward_with_diagnostics({"pg": torch.tensor(0.0), "kl": (b * w).sum()}, [w])
+    assert out["losses/pg_grad_norm"] == 0 and out["losses/cos_total_kl"] == pytest.approx(1.0)
+    assert torch.equal(w.grad, b)
+
+
+def test_backward_with_diagnostics_needs_an_empty_gradient():
+    w = torch.zeros(3, requires_grad=True)
+    terms = {"pg": w.sum(), "kl": (w**2).sum()}
+    w.grad = torch.zeros(3)  # zero_grad(set_to_none=False): accepted
+    common.backward_with_diagnostics(terms, [w])
+    assert torch.equal(w.grad, torch.ones(3))
+    with pytest.raises(ValueError, match="after zero_grad"):  # a second micro-batch's: its |a|^2 would be wrong
+        common.backward_with_diagnostics({"pg": w.sum(), "kl": (w**2).sum()}, [w])
+
+
+def test_backward_with_diagnostics_refuses_a_gradient_in_parts():
+    """Reentrant activation checkpointing delivers a weight used inside and outside a checkpointed block in two
+    parts, whose squared norms do not add up: refused, not a wrong norm."""
+    from torch.utils.checkpoint import checkpoint
+
+    w, x = torch.randn(3, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True)
+    inner = checkpoint(lambda h: h @ w, x, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="non-reentrant"):
+        common.backward_with_diagnostics({"pg": x.sum(), "kl": (inner @ w).sum()}, [w])
+
+
+def _two_gradient_copies(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> tuple[dict[str, float], list]:
+    """The reference: each term's gradient as a copy (autograd.grad), the three dot products from them in float64.
+    Returns (the four numbers, each term's gradient per parameter: [(a_p, b_p)])."""
+    grads = []
+    for loss in terms.values():
+        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grads.append([torch.zeros_like(p) if x is None else x for p, x in zip(params, g)])
+    a, b = grads
+
+    def dot(u, w):
+        return sum((x.double() * y.double()).sum() for x, y in zip(u, w)).item()
+
+    aa, bb, ab = dot(a, a), dot(b, b), dot(a, b)
+    total = (aa + bb + 2 * ab) ** 0.5
+    name_a, name_b = terms
+    return {
+        f"losses/{name_a}_grad_norm": aa**0.5,
+        f"losses/{name_b}_grad_norm": bb**0.5,
+        f"losses/cos_total_{name_a}": (aa + ab) / (total * aa**0.5),
+        f"losses/cos_total_{name_b}": (bb + ab) / (total * bb**0.5),
+    }, list(zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_with_diagnostics_on_a_tied_model_matches_two_gradient_copies(dtype, monkeypatch):
+    """A Qwen2 with tied input and output embeddings, the loop's two terms (a policy gradient on the chunked
+    log-probs and a KL cost): the four numbers of two full gradient copies, and the gradient of
+    (loss_a + loss_b).backward(). The tied matrix gets its gradient from the embedding and from the output layer,
+    its hook one call with the sum."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(config).to(dtype)
+    monkeypatch.setattr(common, "_DOT_CHUNK", 100)  # bf16 dot products in float32 a few chunks at a time
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 48, (4, 9), generator=g)
+    teacher_hidden, teacher_weight = torch.randn(4, 8, 24, generator=g), torch.randn(48, 24, generator=g) / 4
+    advantages, violated = torch.randn(4, 1, generator=g), torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+
+    def terms():
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]  # (4, 8, H)
+        kl, logprobs = common.kl_from_hidden(
+            hidden, model.lm_head.weight, teacher_hidden.to(dtype), teacher_weight.to(dtype), ids[:, 1:], 5
+        )
+        return {"pg": -(advantages * logprobs).mean(), "kl": (violated * kl).mean()}
+
+    expected, term_grads = _two_gradient_copies(terms(), params)
+    sum(terms().values()).backward()
+    summed = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    out = common.backward_with_diagnostics(terms(), params)
+    assert list(out) == list(expected)
+    for key in expected:
+        assert out[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert 0.05 < out["losses/cos_total_kl"] < 0.95  # two terms of comparable size: the cosines test something
+    for p, ref, (a, b) in zip(params, summed, term_grads):
+        assert p.grad.dtype == dtype and torch.equal(p.grad, a + b)  # .grad: a, then + b, as autograd accumulates
+        if dtype == torch.float32:
+            torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-7)
+        else:  # the summed backward rounds a + b to bf16 at every layer on the way: ~1% apart
+            assert ((p.grad.float() - ref.float()).norm() / ref.float().norm()) < 5e-2
+
+
 def test_disable_dropout_and_derived_seeds(tiny_toy):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -102,6 +102,34 @@ def test_torchrun_two_steps_one_set_of_logs_and_a_resumable_checkpoint(tiny_toy,
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
+def test_bucketed_gradient_sync_equals_the_per_parameter_all_reduce(tmp_path):
+    """tests/distributed_worker.py on two gloo ranks: all_reduce, all_gather and barrier; sync_gradients with buckets
+    small enough that several form (float32, float64 and bfloat16 gradients, a non-contiguous one, one None on every
+    rank, one None on rank 0 only) gives exactly the gradients of torch.distributed's all-reduce of each parameter, in
+    one collective per bucket; after destroy_distributed the helpers are a single process's again."""
+    proc = run_distributed(["tests/distributed_worker.py"], tmp_path, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == ["rank 0: ok", "rank 1: ok"]
+
+
+def test_a_single_process_never_joins_a_process_group(monkeypatch):
+    import common
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # a plain `python script.py`
+    assert common.init_distributed("cpu") == (0, 1, torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+    x = torch.arange(3.0)
+    assert common.all_reduce(x) is x and common.all_gather(x) is x
+    model = torch.nn.Linear(2, 2)
+    model.weight.grad = torch.ones(2, 2)
+    common.sync_gradients(model)
+    common.barrier()
+    common.destroy_distributed()
+    assert torch.equal(model.weight.grad, torch.ones(2, 2)) and model.bias.grad is None
+    assert not torch.distributed.is_initialized()
+
+
 def test_prompts_must_split_evenly_across_ranks(monkeypatch):
     import tyro
 

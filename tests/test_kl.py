@@ -199,15 +199,31 @@ def test_kl_over_the_tokenizers_ids_only():
     torch.testing.assert_close(lp.double(), _naive_lp((hs @ ws.T)[..., :60], tokens), atol=ATOL, rtol=0)
 
 
-def test_backward_without_kl_gradient_skips_the_teacher_and_stays_exact():
+def test_backward_without_kl_gradient_skips_the_teacher_and_stays_exact(monkeypatch):
     """GRPO and non-violators: only the log-probs carry gradient; the backward then never recomputes the teacher's
-    chunk logits, and the gradient equals the naive log-softmax's."""
+    chunk logits (counted: every chunk's logits pass through common._logits), recomputes them for the chunks whose
+    KL carries gradient only, and the gradient equals the naive log-softmax's."""
+    import common
+
     hs, ht = torch.randn(3, 5, 8, generator=_gen(1)).requires_grad_(), torch.randn(3, 5, 12, generator=_gen(2))
     ws, wt = torch.randn(30, 8, generator=_gen(3)).requires_grad_(), torch.randn(30, 12, generator=_gen(4))
     tokens = torch.randint(0, 30, (3, 5), generator=_gen(5))
-    kl, lp = kl_from_hidden(hs, ws, ht, wt, tokens, chunk_size=4)
-    (lp.sum() + 0.0 * kl.sum()).backward()
+    logits, calls = common._logits, []
+
+    def spy(h, w, v):  # records whose logits each call computes: the teacher's (True) or the student's (False)
+        calls.append(w.data_ptr() == wt.data_ptr())
+        return logits(h, w, v)
+
+    monkeypatch.setattr(common, "_logits", spy)
+    kl, lp = kl_from_hidden(hs, ws, ht, wt, tokens, chunk_size=4)  # 15 positions: chunks of 4, 4, 4 and 3
+    assert calls == [False, True] * 4  # the forward computes both
+    calls.clear()
+    (lp.sum() + 0.0 * kl.sum()).backward(retain_graph=True)
+    assert calls == [False] * 4  # the student's logits of each chunk, never the teacher's
     hs2, ws2 = hs.detach().clone().requires_grad_(), ws.detach().clone().requires_grad_()
     _naive_lp(hs2 @ ws2.T, tokens).sum().backward()
     torch.testing.assert_close(hs.grad.double(), hs2.grad.double(), atol=1e-5, rtol=0)
     torch.testing.assert_close(ws.grad.double(), ws2.grad.double(), atol=1e-5, rtol=0)
+    calls.clear()
+    (lp.sum() + kl.reshape(-1)[5]).backward()  # the KL of one position in the second chunk carries gradient
+    assert calls == [False, False, True, False, False]  # the teacher's logits of that chunk only
