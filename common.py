@@ -1218,32 +1218,6 @@ def backward_with_diagnostics(terms: dict[str, torch.Tensor], params: list[torch
     }
 
 
-def gradient_diagnostics(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
-    """What drives an update: the gradient norm of each of two loss terms on one micro-batch, and the cosine of
-    their sum with each (a term that swamps the other shows as a cosine near 1). Leaves .grad untouched; holds
-    two gradient copies while it runs. Superseded by backward_with_diagnostics (the same numbers, no copy); kept
-    while the training scripts and benchmark/grad_terms.py still call it."""
-    (name_a, loss_a), (name_b, loss_b) = terms.items()
-    grads = []
-    for loss in (loss_a, loss_b):
-        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad else None
-        grads.append(
-            [
-                torch.zeros_like(p, dtype=torch.float32) if g is None or g[i] is None else g[i].float()
-                for i, p in enumerate(params)
-            ]
-        )
-    (a, b), dot = grads, lambda u, w: sum((x * y).sum() for x, y in zip(u, w)).item()
-    aa, bb, ab = dot(a, a), dot(b, b), dot(a, b)
-    total = max(aa + bb + 2 * ab, 0.0) ** 0.5  # norm of the sum, from the three dot products
-    return {
-        f"losses/{name_a}_grad_norm": aa**0.5,
-        f"losses/{name_b}_grad_norm": bb**0.5,
-        f"losses/cos_total_{name_a}": (aa + ab) / max(total * aa**0.5, 1e-30),
-        f"losses/cos_total_{name_b}": (bb + ab) / max(total * bb**0.5, 1e-30),
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # LoRA through PEFT (--lora-rank > 0): adapters injected in place (transformers' PEFT integration), so the scripts'
 # forward calls and the exact KL on the frozen output layer run unchanged, and save_pretrained writes the adapter

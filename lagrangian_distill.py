@@ -125,7 +125,8 @@ class Args:
     constraint: Literal["sum", "mean", "prefix"] = "mean"
     """cost of a response: 'sum' of its per-token KLs (the paper's), their 'mean', or the largest 'prefix' mean"""
     diagnostic_interval: int = 10
-    """every N steps, the gradient norm of each loss term on one micro-batch (losses/*_grad_norm); 0 = never"""
+    """every N steps, the gradient norm of each loss term and their cosines with the update on the first micro-batch
+    (losses/*_grad_norm, losses/cos_total_*): one more backward of that micro-batch, no extra memory; 0 = never"""
 
     # Algorithm specific arguments
     method: Literal["dual", "fixed", "grpo", "kd"] = "dual"
@@ -276,8 +277,10 @@ def main(args: Args) -> Path | None:
                 cost = common.sequence_costs(kl, mask, args.constraint)  # (M,) differentiable
                 cost_loss = lagrangian_penalty(cost, lagrange_multiplier, num_tokens)
                 if epoch == j == rank == 0 and args.diagnostic_interval and step % args.diagnostic_interval == 0:
-                    diagnostics = common.gradient_diagnostics({"pg": pg_loss, "kl": cost_loss}, params)
-                (pg_loss + cost_loss).backward()
+                    # each term's gradient norm, and the backward of their sum (no gradient copy)
+                    diagnostics = common.backward_with_diagnostics({"pg": pg_loss, "kl": cost_loss}, params)
+                else:
+                    (pg_loss + cost_loss).backward()
                 totals += torch.tensor([pg_loss.item(), cost_loss.item(), clipped.item()], dtype=torch.float64)
             common.sync_gradients(student)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()

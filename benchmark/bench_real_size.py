@@ -70,8 +70,8 @@ def parse_args():
     p.add_argument(
         "--diagnostic-interval",
         type=int,
-        default=0,
-        help="the scripts' --diagnostic-interval (0 here: its two extra gradient copies are in predict() apart)",
+        default=10,
+        help="the scripts' --diagnostic-interval (10, their default: one more backward of a micro-batch at step 0)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="the scripts' --dtype (teacher weights, autocast)")
@@ -150,16 +150,15 @@ def predict(
     response_tokens: int,
     chunk: int,
     lora: bool,
-    with_diagnostics: bool,
     autocast_copy: bool,
 ) -> dict:
     """Per-rank memory (bytes) by the arithmetic of docs/scaling.md, before activations: the fixed state, and the
-    update phase's transient peak (gradients, the diagnostics' two gradient copies, the KL's chunk logits)."""
+    update phase's transient peak (gradients, the KL's chunk logits). The diagnostics hold no gradient copy."""
     (h_s, *_, rows_s, _), (h_t, *_, rows_t, _) = shape_s, shape_t
-    weights = 4 * n_student + teacher_bytes * n_teacher
+    frozen = n_student - n_trainable if lora else 0  # LoRA's frozen base, held in the compute dtype
+    weights = 4 * (n_student - frozen) + teacher_bytes * frozen + teacher_bytes * n_teacher
     adam = 8 * n_trainable
     grads = 4 * n_trainable
-    diagnostics = 2 * 4 * n_trainable if with_diagnostics else 0  # gradient_diagnostics' two fp32 copies
     teacher_states = responses * response_tokens * h_t * teacher_bytes
     kl = 4 * min(chunk, tokens_per_mb) * max(rows_s, rows_t) * 4  # ~4 fp32 [chunk x vocab] copies
     head_grad = 0 if lora else 4 * rows_s * h_s  # the KL's fp32 gradient of the output layer, before it joins .grad
@@ -168,12 +167,11 @@ def predict(
         "weights": weights,
         "adam": adam,
         "grads": grads,
-        "diagnostics": diagnostics,
         "teacher_states": teacher_states,
         "kl_chunk": kl,
         "head_grad": head_grad,
         "autocast_copy": autocast,
-        "update_peak": weights + adam + grads + diagnostics + teacher_states + kl + head_grad + autocast,
+        "update_peak": weights + adam + grads + teacher_states + kl + head_grad + autocast,
     }
 
 
@@ -397,7 +395,6 @@ def main():
             response_tokens=int(run["response_tokens"]),
             chunk=a.kl_chunk_size,
             lora=lora,
-            with_diagnostics=a.diagnostic_interval > 0,
             autocast_copy=a.device.startswith("cuda") and teacher_dtype == torch.bfloat16,
         )
         run["process_s"] = time.time() - t

@@ -66,31 +66,25 @@ def main(args: Args) -> None:
         )
         batch = common.pad_sequences(pairs, tokenizer.pad_token_id, device)
         mask = batch["response_mask"]
-        num_tokens = int(mask.sum())
+        num_tokens, batch_size = int(mask.sum()), len(pairs)
         with torch.no_grad():
             teacher_hidden = common.final_hidden(teacher, batch)
-        kl, logprobs = common.score(student, batch, teacher_hidden, teacher.get_output_embeddings().weight, 1024, vocab)
-        phi = common.sequence_costs(kl, mask, "mean")  # (B,) differentiable
-        violated = phi.detach() > args.budget
-        batch_size = len(pairs)
-        definitions = {
-            "63882d6": (
-                torch.where(violated, torch.full_like(rewards, -1.0), rewards),
-                (phi * violated).sum() / max(int(violated.sum()), 1),
-            ),
-            "3902674, (II) / B": (
-                cmdp.modified_rewards(rewards, phi.detach(), args.budget, 20.0),
-                cmdp.explicit_cost_loss(phi, violated, batch_size, 1.0),  # its third argument divides
-            ),
-            "now, (II) / N": (
-                cmdp.modified_rewards(rewards, phi.detach(), args.budget, 20.0),
-                cmdp.explicit_cost_loss(phi, violated, num_tokens, 1.0),
-            ),
-        }
-        for name, (shaped, kl_term) in definitions.items():
+        for name in ("63882d6", "3902674, (II) / B", "now, (II) / N"):  # one forward and backward each
+            kl, logprobs = common.score(
+                student, batch, teacher_hidden, teacher.get_output_embeddings().weight, 1024, vocab
+            )
+            phi = common.sequence_costs(kl, mask, "mean")  # (B,) differentiable
+            violated = phi.detach() > args.budget
+            if name == "63882d6":
+                shaped = torch.where(violated, torch.full_like(rewards, -1.0), rewards)
+                kl_term = (phi * violated).sum() / max(int(violated.sum()), 1)
+            else:  # explicit_cost_loss divides by its third argument
+                shaped = cmdp.modified_rewards(rewards, phi.detach(), args.budget, 20.0)
+                kl_term = cmdp.explicit_cost_loss(phi, violated, batch_size if "/ B" in name else num_tokens, 1.0)
             advantages = cmdp.group_advantages(shaped, args.group_size, False)
             pg_loss, _ = cmdp.policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, num_tokens)
-            out = common.gradient_diagnostics({"pg": pg_loss, "kl": kl_term}, params)
+            student.zero_grad(set_to_none=True)
+            out = common.backward_with_diagnostics({"pg": pg_loss, "kl": kl_term}, params)
             print(
                 f"| seed {seed} | {name} | {violated.float().mean():.2f} | "
                 f"{out['losses/pg_grad_norm']:.4f} | {out['losses/kl_grad_norm']:.4f} | "

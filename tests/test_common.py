@@ -317,17 +317,6 @@ def test_sequence_costs_sum_mean_and_prefix():
     assert torch.allclose(grad_in.grad, mask / mask.sum(1, keepdim=True))
 
 
-def test_gradient_diagnostics_norms_and_cosines():
-    w = torch.zeros(3, requires_grad=True)
-    a, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])
-    out = common.gradient_diagnostics({"pg": (a * w).sum(), "kl": (b * w).sum()}, [w])
-    assert out["losses/pg_grad_norm"] == pytest.approx(3.0) and out["losses/kl_grad_norm"] == pytest.approx(4.0)
-    assert out["losses/cos_total_pg"] == pytest.approx(3 / 5) and out["losses/cos_total_kl"] == pytest.approx(4 / 5)
-    assert w.grad is None  # .grad untouched: the update's own backward comes after
-    out = common.gradient_diagnostics({"pg": (a * w).sum(), "kl": torch.tensor(0.0)}, [w])  # a term without gradient
-    assert out["losses/kl_grad_norm"] == 0 and out["losses/cos_total_pg"] == pytest.approx(1.0)
-
-
 def test_backward_with_diagnostics_norms_cosines_and_the_summed_gradient():
     w = torch.zeros(3, requires_grad=True)
     a, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])
