@@ -1281,4 +1281,6 @@ def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
         model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
+        if param.requires_grad and param.dtype != torch.float32:  # adapters (and so their AdamW state) in float32,
+            param.data = param.data.float()  # whatever the dtype of the frozen base
     return model

@@ -244,3 +244,28 @@ def test_smollm2_lora_step_zero_is_the_base_model_and_only_adapters_move(tmp_pat
     _check_lora_step(str(folder))
     with pytest.raises(common.InputError, match="exact KL reads"):  # tied: the embeddings are the output layer
         common.add_lora(common.load_model(str(folder), CPU, torch.float32), 4, 8.0, ("embed_tokens",))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_frozen_base_is_held_in_the_compute_dtype_and_the_adapters_in_float32(tiny_toy, script):
+    """With LoRA and --dtype bfloat16 the scripts load the frozen base in bf16 (half its memory, and no cast of it at
+    every decode step under autocast) and train float32 adapters; full fine-tuning keeps float32 weights."""
+    import importlib
+
+    import tyro
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    argv = tiny_run_args(script, tiny_toy, tiny_toy / "unused", "--dtype", "bfloat16", "--device", "cpu")[1:]
+    for lora, trained, frozen in (
+        (["--lora-rank", "4"], {torch.float32}, {torch.bfloat16}),
+        ([], {torch.float32}, set()),
+    ):
+        args = tyro.cli(module.Args, args=argv + lora)
+        *_, student, teacher, autocast = module.load(args, 0, CPU)
+        assert {p.dtype for p in student.parameters() if p.requires_grad} == trained
+        assert {p.dtype for p in student.parameters() if not p.requires_grad} == frozen
+        assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+        if lora:  # the bf16 base and the float32 adapters compute together under the scripts' autocast
+            batch = _batch(student, common.load_tokenizer(str(tiny_toy / "student")))
+            with autocast():
+                assert torch.isfinite(common.final_hidden(student, batch)).all()
