@@ -1,11 +1,14 @@
 """Tables and front plots of the claim sweep (benchmark/claim_sweep.py), from its committed compact results alone.
 
 For every run (one result file per run and seed): greedy accuracy on its evaluation split, CSR at each budget (a
-response satisfies the per-token constraint when its mean per-token KL <= d), the fraction both correct and within
-budget, how many steps the in-run evals (200 problems, every 50 steps) took to settle, and the median gradient norms
-of the two loss terms. Then, per budget, each method family's Pareto front of greedy accuracy against CSR over its
-settings, one plot per budget (docs/claim_fronts_d{d}.png) with the starting student and the teacher as reference
-points, and the setting each family would choose on the validation split (highest "correct and within budget").
+response satisfies the per-token constraint when its mean per-token KL <= d, compared at full precision), the sum
+form's CSR on its own per-response budget (summed KL <= d x 19.5), the fraction both correct and within budget, how
+many steps the in-run evals (200 validation problems, every 50 steps) took to settle, and the median gradient norms
+of the two loss terms. Mean ± sample standard deviation (n - 1) over seeds. Then, per budget, each method family's
+Pareto front of greedy accuracy against CSR over its settings, one plot per budget (docs/claim_fronts_d{d}.png) with
+the starting student and the teacher as reference points, and the setting each family would choose on the
+validation split: the highest "correct and within budget" (per-token, the yardstick of every family); ties go to the
+higher CSR, then the higher accuracy, then the lower mean KL.
 
     python benchmark/claim_results.py                   # prints the markdown tables; plots need matplotlib==3.11.2
     python benchmark/claim_results.py --out /tmp/plots  # plots elsewhere than docs/
@@ -30,7 +33,8 @@ FAMILIES = {
     "fixed": "fixed lambda",
 }
 COLOURS = {"cmdp": "tab:blue", "cmdpsum": "tab:cyan", "dual": "tab:orange", "fixed": "tab:green"}
-TUNING_CHUNKS = ("tune-cmdp", "tune-lagrangian", "tune-d0.1", "tune-d0.013")  # not lr-ablation: no method tunes lr
+TUNING_CHUNKS = ("tune-d0.05", "tune-d0.1", "tune-d0.013")  # not lr-ablation: no method tunes its learning rate
+MEAN_TOKENS = 19.5  # the sum form's per-response budget is d x MEAN_TOKENS (benchmark/claim_sweep.py)
 TARGET_CSR, TARGET_ACC = 0.9, 0.95  # "reaches the budget without losing the reward": what a user would search for
 SETTLE_TOL = {"eval/accuracy": 0.03, "eval/csr": 0.05}  # in-run evals: 200 problems, standard error about 0.02-0.03
 
@@ -45,8 +49,9 @@ def load(results: Path, split: str, chunks: tuple[str, ...] | None = None) -> di
         r = json.loads(path.read_text())
         if r["eval_split"] != split:
             continue
-        for key in ("correct", "mean_kl", "sum_kl"):
+        for key in ("correct", "mean_kl", "response_tokens"):
             r[key] = np.array(r[key], dtype=float)
+        r["sum_kl"] = r["mean_kl"] * r["response_tokens"]
         runs[r["run"]].append(r)
     return runs
 
@@ -86,7 +91,7 @@ def reference(split: Path, name: str) -> dict:
                 {
                     "run": name,
                     "correct": [int(r["correct"]) for r in rows],
-                    "mean_kl": [round(r["mean_kl"], 6) for r in rows],
+                    "mean_kl": [r["mean_kl"] for r in rows],  # full precision: CSR compares it with d
                 }
             )
             + "\n"
@@ -120,20 +125,27 @@ def settle_step(r: dict, key: str) -> int:
 
 
 def setting(name: str) -> dict:
-    """A run name's knobs, e.g. cmdp_n20_centred_b1_lr3e-05 -> n 20, centred, beta 1, lr 3e-05."""
+    """A run name's knobs, e.g. cmdp_n20_centred_b0.3_lr3e-05 -> n 20, centred, beta 0.3, lr 3e-05."""
     parts = name.split("_")
     lr = float(next((w[2:] for w in parts if w.startswith("lr")), "1e-4"))  # 1e-4: every method's default
     return dict(n=parts[1][1:], adv=parts[2], beta=parts[3][1:], lr=f"{lr:.0e}")
 
 
+def is_sum_form(r: dict) -> bool:
+    return "--constraint sum" in r["command"]
+
+
 def metrics(r: dict, budget: float) -> dict:
+    """A run's scores at the per-token budget d; csr_own: the sum form's on its own budget d x 19.5 per response."""
     within = r["mean_kl"] <= budget
+    within_own = r["sum_kl"] <= budget * MEAN_TOKENS if is_sum_form(r) else within
     diag = r.get("train_diagnostic_steps", [])
     pg = np.median([d["losses/pg_grad_norm"] for d in diag]) if diag else float("nan")
     kl = np.median([d["losses/kl_grad_norm"] for d in diag]) if diag else float("nan")
     return dict(
         acc=r["correct"].mean(),
         csr=within.mean(),
+        csr_own=within_own.mean(),
         both=(within & (r["correct"] > 0)).mean(),
         kl=r["mean_kl"].mean(),
         settle_acc=settle_step(r, "eval/accuracy"),
@@ -143,8 +155,26 @@ def metrics(r: dict, budget: float) -> dict:
     )
 
 
+def std(values: list[float]) -> float:
+    """The sample standard deviation (n - 1) over seeds."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def cell(values: list[float], fmt: str = ".3f") -> str:
-    return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}" if len(values) > 1 else f"{values[0]:{fmt}}"
+    return f"{np.mean(values):{fmt}} ± {std(values):{fmt}}" if len(values) > 1 else f"{values[0]:{fmt}}"
+
+
+def choose(rows: list[tuple[str, list[dict]]]) -> tuple[str, float]:
+    """A family's setting on validation: the highest correct-and-within; ties go to the higher CSR, then the higher
+    accuracy, then the lower mean KL (then the name, for a total order)."""
+
+    def key(row):
+        name, ms = row
+        mean = lambda k: round(float(np.mean([m[k] for m in ms])), 9)  # noqa: E731
+        return (-mean("both"), -mean("csr"), -mean("acc"), mean("kl"), name)
+
+    name, ms = min(rows, key=key)
+    return name, float(np.mean([m["both"] for m in ms]))
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -174,10 +204,9 @@ def main() -> None:
         lines += [
             f"### Budget d = {budget} (validation split, greedy; CSR: mean per-token KL <= {budget})",
             "",
-            "| run | trained for d | seeds | accuracy | CSR | correct and within | mean KL "
-            "| settled by step (acc / CSR) "
-            "| median grad norm, PG / cost term |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| run | trained for d | seeds | accuracy | CSR | CSR, sum form's own budget | correct and within "
+            "| mean KL | settled by step (acc / CSR) | median grad norm, PG / cost term |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [reference_row(name, ref, budget, 2, 2) for name, ref in refs.items()]
         rows = []
@@ -188,20 +217,18 @@ def main() -> None:
             ms = [metrics(r, budget) for r in rs]
             rows.append((name, ms))
             get = lambda k: [m[k] for m in ms]  # noqa: E731
+            own = cell(get("csr_own")) if is_sum_form(rs[0]) else "-"
             lines.append(
                 f"| {name} | {trained if trained else 'any'} | {len(rs)} | {cell(get('acc'))} | {cell(get('csr'))} | "
-                f"{cell(get('both'))} | {cell(get('kl'))} | {np.mean(get('settle_acc')):.0f} / "
+                f"{own} | {cell(get('both'))} | {cell(get('kl'))} | {np.mean(get('settle_acc')):.0f} / "
                 f"{np.mean(get('settle_csr')):.0f} | {np.mean(get('pg')):.2g} / {np.mean(get('klg')):.2g} |"
             )
         lines.append("")
-        best = {}
-        for name, ms in rows:
-            f, score = family(name), np.mean([m["both"] for m in ms])
-            if f not in best or score > best[f][1]:
-                best[f] = (name, score)
+        families = [f for f in FAMILIES if any(family(name) == f for name, _ in rows)]
+        best = {f: choose([row for row in rows if family(row[0]) == f]) for f in families}
         chosen[budget] = {f: name for f, (name, _) in best.items()}
         lines += [
-            f"Chosen on validation at d = {budget} (highest correct-and-within): "
+            f"Chosen on validation at d = {budget} (highest correct-and-within; ties: CSR, accuracy, mean KL): "
             + ", ".join(f"{FAMILIES[f]}: `{name}` ({score:.3f})" for f, (name, score) in best.items()),
             "",
         ]
@@ -225,7 +252,7 @@ def main() -> None:
         *reach,
         "",
     ]
-    lines += ablation(load(args.results, "val.jsonl", ("tune-cmdp", "lr-ablation")))
+    lines += ablation(load(args.results, "val.jsonl", ("tune-d0.05", "lr-ablation")))
     finals = {float(d.name.removeprefix("final-d")): d.name for d in sorted(args.results.glob("final-d*"))}
     if finals:
         test = Path("test.jsonl")  # the toy test split: built (if need be) only when its reference rows are missing
@@ -254,9 +281,9 @@ def ablation(runs: dict[str, list[dict]]) -> list[str]:
         "| median grad norm, PG / term (II) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, rs in sorted(runs.items(), key=lambda kv: (-int(setting(kv[0])["beta"]), kv[0])):
-        if family(name) != "cmdp":
-            continue
+    cmdp = {name: rs for name, rs in runs.items() if family(name) == "cmdp"}
+    order = lambda name: (int(setting(name)["n"]), setting(name)["adv"], float(setting(name)["beta"]), name)  # noqa: E731
+    for name, rs in sorted(cmdp.items(), key=lambda kv: order(kv[0])):
         k, m = setting(name), metrics(rs[0], 0.05)
         settled = f"{m['settle_acc']} / {m['settle_csr']}" if m["kl"] < 1 else f"diverged (mean KL {m['kl']:.1f})"
         lines.append(
@@ -271,15 +298,17 @@ def final_table(runs: dict[str, list[dict]], refs: dict, budget: float) -> list[
     lines = [
         f"### Test split, d = {budget}: each method's chosen setting, 600 steps, mean ± std over seeds",
         "",
-        "| method, setting | seeds | accuracy | CSR | correct and within | mean KL | per seed: correct and within |",
-        "|---|---|---|---|---|---|---|",
+        "| method, setting | seeds | accuracy | CSR | CSR, sum form's own budget | correct and within | mean KL "
+        "| per seed: correct and within |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [reference_row(name, ref, budget, 1, 1) for name, ref in refs.items()]
     for name, rs in sorted(runs.items(), key=lambda kv: (list(FAMILIES).index(family(kv[0])), kv[0])):
         ms = [metrics(r, budget) for r in sorted(rs, key=lambda r: r["seed"])]
         get = lambda k: [m[k] for m in ms]  # noqa: E731
+        own = cell(get("csr_own")) if is_sum_form(rs[0]) else "-"
         lines.append(
-            f"| {FAMILIES[family(name)]}, `{name}` | {len(ms)} | {cell(get('acc'))} | {cell(get('csr'))} | "
+            f"| {FAMILIES[family(name)]}, `{name}` | {len(ms)} | {cell(get('acc'))} | {cell(get('csr'))} | {own} | "
             f"{cell(get('both'))} | {cell(get('kl'))} | {' '.join(f'{b:.3f}' for b in get('both'))} |"
         )
     return lines + [""]
@@ -299,11 +328,12 @@ def pyplot():
 
 
 def reference_row(name: str, ref: dict, budget: float, blanks_before: int, blanks_after: int) -> str:
-    """A table row for the starting student or the teacher: accuracy, CSR, correct and within, mean KL."""
+    """A table row for the starting student or the teacher: accuracy, CSR, (-), correct and within, mean KL."""
     within = ref["mean_kl"] <= budget
     return (
-        f"| {name} (reference) |{' - |' * blanks_before} {ref['correct'].mean():.3f} | {within.mean():.3f} | "
-        f"{(within & (ref['correct'] > 0)).mean():.3f} | {ref['mean_kl'].mean():.3f} |{' - |' * blanks_after}"
+        f"| {name} (reference) |{' - |' * blanks_before} {ref['correct'].mean():.3f} | {within.mean():.3f} |"
+        f" - | {(within & (ref['correct'] > 0)).mean():.3f} | {ref['mean_kl'].mean():.3f} |"
+        f"{' - |' * blanks_after}"
     )
 
 
@@ -347,8 +377,8 @@ def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path
         ax.errorbar(
             np.mean(xs),
             np.mean(ys),
-            xerr=np.std(xs),
-            yerr=np.std(ys),
+            xerr=std(xs),
+            yerr=std(ys),
             color=colour,
             marker=marker,
             ms=8,
@@ -374,8 +404,8 @@ def plot_front(budget: float, rows: list, refs: dict, out: Path) -> None:
             ax.errorbar(
                 x,
                 y,
-                xerr=np.std([m["csr"] for m in ms]),
-                yerr=np.std([m["acc"] for m in ms]),
+                xerr=std([m["csr"] for m in ms]),
+                yerr=std([m["acc"] for m in ms]),
                 color=COLOURS[family(name)],
                 capsize=2,
                 lw=0.8,

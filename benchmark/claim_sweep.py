@@ -132,12 +132,13 @@ def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
         runs = [(f"{PAPER}_lr{lr}", 1, f"{method} --learning-rate {lr}") for lr in LRS]
     elif chunk.removeprefix("final-d") in ("0.05", *OTHER_BUDGETS):
         budget = chunk.removeprefix("final-d")
-        chosen = json.loads((RESULTS / "chosen.json").read_text()).get(budget, {}) if RESULTS.exists() else {}
-        tuned = {name: method for name, _, method in chunk_runs(f"tune-d{budget}")}
+        path = RESULTS / "chosen.json"
+        chosen = json.loads(path.read_text()).get(budget, {}) if path.exists() else {}
         if not all(f in chosen for f in ("cmdp", "dual", "fixed")):
             raise SystemExit(
                 f"{chunk}: no settings chosen at d = {budget} yet; run tune-d{budget}, then benchmark/claim_results.py."
             )
+        tuned = {name: method for name, _, method in chunk_runs(f"tune-d{budget}")}
         paper = PAPER + ("" if budget == "0.05" else f"_d{budget}")
         names = list(dict.fromkeys([*chosen.values(), paper]))
         return [(name, seed, tuned[name]) for seed in range(1, 6) for name in names]  # seed by seed

@@ -24,36 +24,52 @@ def load(name):
 sweep, results = load("claim_sweep"), load("claim_results")
 
 
-def test_final_chunk_runs_the_tuning_commands_with_five_seeds():
-    tuned = {name: method for name, _, method in sweep.chunk_runs("tune-cmdp") + sweep.chunk_runs("tune-lagrangian")}
+def test_final_chunk_runs_the_chosen_tuning_commands_and_the_papers_setting_with_five_seeds(tmp_path, monkeypatch):
+    chosen = {"0.05": {"cmdp": "cmdp_n1_centred_b20", "dual": "dual_eta100_l0", "fixed": "fixed_l10"}}
+    (tmp_path / "chosen.json").write_text(json.dumps(chosen))
+    monkeypatch.setattr(sweep, "RESULTS", tmp_path)
+    tuned = {name: method for name, _, method in sweep.chunk_runs("tune-d0.05")}
     runs = sweep.chunk_runs("final-d0.05")
     assert sorted({seed for _, seed, _ in runs}) == [1, 2, 3, 4, 5]
-    assert sorted({name for name, _, _ in runs}) == sorted(sweep.FINAL)
+    assert {name for name, _, _ in runs} == {*chosen["0.05"].values(), sweep.PAPER}
     assert all(method == tuned[name] for name, _, method in runs)  # the setting chosen is the setting run
-    assert len(runs) == len(set((name, seed) for name, seed, _ in runs)) == 5 * len(sweep.FINAL)
+    assert len(runs) == len(set((name, seed) for name, seed, _ in runs)) == 5 * 4
+    assert "--penalty 20 --explicit-coef 1" in tuned[sweep.PAPER] and "--norm-adv-std" not in tuned[sweep.PAPER]
+    monkeypatch.setattr(sweep, "RESULTS", tmp_path / "none")
+    with pytest.raises(SystemExit, match="no settings chosen at d = 0.1 yet"):
+        sweep.chunk_runs("final-d0.1")
 
 
-def test_grids_are_the_issue_sizes():
-    names = [name for name, _, _ in sweep.chunk_runs("tune-lagrangian")]
-    assert sum(n.startswith("fixed_") for n in names) >= 8 and sum(n.startswith("dual_") for n in names) == 6
-    cmdp = [method for _, _, method in sweep.chunk_runs("tune-cmdp")]
-    assert sum("--constraint sum" in m for m in cmdp) == 2 and len(cmdp) == 14
-    assert "--budget 0.975" in next(m for m in cmdp if "--constraint sum" in m)  # d x 19.5 tokens
+def test_grids_bracket_the_papers_weighting_and_tune_every_method():
+    runs = sweep.chunk_runs("tune-d0.05")
+    names = [name for name, _, _ in runs]
+    assert len(names) == len(set(names)) == 31
+    assert sum(n.startswith("fixed_") for n in names) == 9 and sum(n.startswith("dual_") for n in names) == 6
+    cmdp = {name: method for name, _, method in runs if name.startswith("cmdp")}
+    betas = {float(m.split("--explicit-coef ")[1].split()[0]) for m in cmdp.values()}
+    assert min(betas) < 1 < 19.5 <= max(betas)  # the paper's beta = 1 and the earlier weight, ~ the mean length
+    for n in ("1", "20"):  # the beta grid at both penalties
+        assert {b for b in sweep.BETAS} == {k.split("_b")[1] for k in cmdp if k.startswith(f"cmdp_n{n}_centred")}
+    sums = [m for m in cmdp.values() if "--constraint sum" in m]
+    assert len(sums) == 2 and all("--budget 0.975" in m for m in sums)  # d x 19.5 tokens
     lrs = [method for _, _, method in sweep.chunk_runs("lr-ablation")]
     assert [m.split("--learning-rate ")[1] for m in lrs] == list(sweep.LRS)
+    assert names[0] == sweep.PAPER  # a chunk cut short has the paper's setting
+
+
+def test_in_run_evals_use_the_validation_split_in_every_chunk(tmp_path):
+    train = tmp_path / "data" / "train_fit.jsonl"
+    command = sweep.command("fixed_l10", 3, "lagrangian_distill.py --method fixed --lambda-init 10", tmp_path, train)
+    assert f"--eval-dataset {tmp_path / 'data' / 'val.jsonl'}" in command and "--seed 3" in command
 
 
 def test_select_filters_by_seed_and_name_and_refuses_unknown_names():
-    runs = sweep.select("final-d0.05", seeds=[2, 3], only=["fixed_l0.5", "cmdp_n1_centred_b1"])
-    assert [(name, seed) for name, seed, _ in runs] == [
-        ("cmdp_n1_centred_b1", 2),
-        ("fixed_l0.5", 2),
-        ("cmdp_n1_centred_b1", 3),
-        ("fixed_l0.5", 3),
-    ]  # the chunk's order (seed by seed), not the order given
-    assert sweep.select("tune-cmdp") == sweep.chunk_runs("tune-cmdp")
-    with pytest.raises(SystemExit, match="fixed_l9 not among tune-lagrangian's runs"):
-        sweep.select("tune-lagrangian", only=["fixed_l0.5", "fixed_l9"])
+    runs = sweep.select("tune-d0.05", only=["fixed_l10", "cmdp_n1_centred_b1"])
+    assert [(name, seed) for name, seed, _ in runs] == [("fixed_l10", 1), ("cmdp_n1_centred_b1", 1)]  # chunk order
+    assert sweep.select("tune-d0.05") == sweep.chunk_runs("tune-d0.05")
+    assert sweep.select("tune-d0.05", seeds=[2]) == []
+    with pytest.raises(SystemExit, match="fixed_l9 not among tune-d0.05's runs"):
+        sweep.select("tune-d0.05", only=["fixed_l10", "fixed_l9"])
 
 
 def test_a_run_locked_by_a_live_driver_is_skipped_and_a_stale_lock_is_taken(tmp_path):
@@ -78,17 +94,44 @@ def test_pareto_front_and_settle_step():
         for s, a in [(0, 0.8), (50, 0.99), (100, 0.9), (150, 0.98), (200, 0.99), (250, 0.98)]
     ]
     assert results.settle_step(dict(in_run_evals=evals), "eval/accuracy") == 150  # 0.9 at step 100 is 0.08 off
-    assert results.setting("cmdp_n20_centred_b1_lr3e-05") == dict(n="20", adv="centred", beta="1", lr="3e-05")
+    assert results.setting("cmdp_n20_centred_b0.3_lr3e-05") == dict(n="20", adv="centred", beta="0.3", lr="3e-05")
 
 
-def test_metrics_count_correct_and_within_budget():
-    r = dict(
-        correct=np.array([1, 1, 0, 1.0]),
-        mean_kl=np.array([0.01, 0.2, 0.01, 0.05]),
-        in_run_evals=[{"step": 0, "eval/accuracy": 1.0, "eval/csr": 1.0}],
-    )
+def result(correct, mean_kl, tokens, command="python cmdp_distill.py --budget 0.05"):
+    r = dict(correct=np.array(correct, dtype=float), mean_kl=np.array(mean_kl), response_tokens=np.array(tokens))
+    r.update(sum_kl=r["mean_kl"] * r["response_tokens"], command=command)
+    return dict(r, in_run_evals=[{"step": 0, "eval/accuracy": 1.0, "eval/csr": 1.0}])
+
+
+def test_metrics_count_correct_and_within_budget_at_full_precision():
+    r = result([1, 1, 0, 1], [0.01, 0.2, 0.01, 0.0500001], [20, 20, 20, 20])
     m = results.metrics(r, 0.05)
-    assert (m["acc"], m["csr"], m["both"]) == (0.75, 0.75, 0.5)  # 0.05 is within 0.05
+    assert (m["acc"], m["csr"], m["both"]) == (0.75, 0.5, 0.25)  # 0.0500001 is over 0.05: no rounding to 6 places
+    assert m["csr_own"] == m["csr"]
+
+
+def test_the_sum_form_is_also_scored_on_its_own_per_response_budget():
+    # a short response may carry more KL per token: within 0.05 x 19.5 = 0.975 nats in all, over 0.05 per token
+    r = result([1, 1], [0.09, 0.04], [10, 30], command="python cmdp_distill.py --constraint sum --budget 0.975")
+    m = results.metrics(r, 0.05)
+    assert m["csr"] == 0.5 and m["csr_own"] == 0.5  # per token: only the second; summed: 0.9 and 1.2 nats
+    r = result([1, 1], [0.09, 0.03], [10, 30], command="python cmdp_distill.py --constraint sum --budget 0.975")
+    assert results.metrics(r, 0.05)["csr_own"] == 1.0 and results.metrics(r, 0.05)["csr"] == 0.5
+
+
+def test_spread_is_the_sample_standard_deviation():
+    assert results.std([0.9, 0.92, 0.94]) == pytest.approx(0.02)  # population std would be 0.0163
+    assert results.cell([0.9, 0.92, 0.94]) == "0.920 ± 0.020" and results.cell([0.5]) == "0.500"
+
+
+def test_selection_breaks_ties_by_csr_then_accuracy_then_mean_kl():
+    def ms(both, csr, acc, kl):
+        return [dict(both=both, csr=csr, acc=acc, kl=kl)]
+
+    rows = [("a", ms(0.9, 0.92, 0.98, 0.02)), ("b", ms(0.9, 0.95, 0.95, 0.02)), ("c", ms(0.89, 0.99, 0.99, 0.01))]
+    assert results.choose(rows) == ("b", 0.9)  # a and b tie on correct-and-within: b has the higher CSR
+    rows = [("a", ms(0.9, 0.95, 0.98, 0.02)), ("b", ms(0.9, 0.95, 0.98, 0.01))]
+    assert results.choose(rows)[0] == "b"  # then the lower mean KL
 
 
 @pytest.mark.skipif(not (ROOT / "benchmark/results/claim/tables.md").exists(), reason="no committed claim results")
