@@ -514,7 +514,8 @@ def _chunk(hs, ws, ht, wt, y, v):
 
 class _ChunkedKL(torch.autograd.Function):
     """hs (N, H_s) with ws (V_s, H_s); teacher ht (N, H_t) with wt (V_t, H_t), or both None; tokens (N,) long.
-    Returns kl, lp_s, each (N,). Saves only the inputs; backward recomputes every chunk's logits."""
+    Returns kl, lp_s, each (N,). Saves only the inputs; backward recomputes every chunk's logits under the forward's
+    autocast state, so that its gradient is that of the logits the forward used (bf16 matmuls under bf16 autocast)."""
 
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, tokens, chunk, v):
@@ -525,7 +526,10 @@ class _ChunkedKL(torch.autograd.Function):
         ]
         outs = [torch.cat(o) for o in list(zip(*parts))[2:4]]
         ctx.save_for_backward(hs, ws, ht, wt, tokens)
+        device = hs.device.type
         ctx.chunk, ctx.v = chunk, v
+        ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device))
+        ctx.autocast["enabled"] = torch.is_autocast_enabled(device)
         return tuple(outs)
 
     @staticmethod
@@ -544,7 +548,8 @@ class _ChunkedKL(torch.autograd.Function):
             sl, yc = slice(i, i + chunk), y[i : i + chunk]
             # the teacher's chunk logits only where the KL carries gradient (not for GRPO or non-violators)
             teacher_needed = ht is not None and bool(g_kl[sl].any())
-            p, d, kl, _ = _chunk(hs[sl], ws, ht[sl] if teacher_needed else None, wt, yc, v)
+            with torch.autocast(**ctx.autocast):  # the forward's logits, in the forward's precision
+                p, d, kl, _ = _chunk(hs[sl], ws, ht[sl] if teacher_needed else None, wt, yc, v)
             # dKL/dz = p * (d - KL);  d lp(y)/dz = onehot(y) - p  ->  dz = p * (gk (d - KL) - gl) + gl onehot(y)
             gz = torch.zeros_like(p) if d is None else d.sub_(kl[:, None]).mul_(g_kl[sl, None].to(p.dtype))
             gl = g_lp[sl].to(p.dtype) * (yc >= 0)

@@ -227,3 +227,32 @@ def test_backward_without_kl_gradient_skips_the_teacher_and_stays_exact(monkeypa
     calls.clear()
     (lp.sum() + kl.reshape(-1)[5]).backward()  # the KL of one position in the second chunk carries gradient
     assert calls == [False, False, True, False, False]  # the teacher's logits of that chunk only
+
+
+def test_backward_recomputes_the_logits_of_the_forward_under_its_autocast(monkeypatch):
+    """Under bf16 autocast the forward's chunk logits come from bf16 matmuls; the backward, which runs outside the
+    autocast context, must recompute those same logits (not float32 ones), or the gradient would be that of another
+    function than the KL the loss used."""
+    import common
+
+    hs, ws = torch.randn(2, 6, 8, generator=_gen(1)).requires_grad_(), torch.randn(30, 8, generator=_gen(2))
+    ht, wt = torch.randn(2, 6, 12, generator=_gen(3)), torch.randn(30, 12, generator=_gen(4))
+    tokens = torch.randint(0, 30, (2, 6), generator=_gen(5))
+    logits, seen = common._logits, []
+
+    def spy(h, w, v):
+        z = logits(h, w, v)
+        seen.append((torch.is_autocast_enabled("cpu"), (h.to(w.dtype) @ w[:v].t()).dtype))
+        return z
+
+    monkeypatch.setattr(common, "_logits", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kl, lp = kl_from_hidden(hs, ws, ht, wt, tokens, chunk_size=4)
+    forward, seen[:] = list(seen), []
+    (kl.sum() + lp.sum()).backward()
+    assert forward and set(forward) == {(True, torch.bfloat16)}
+    assert seen and set(seen) == {(True, torch.bfloat16)}  # the same precision as the forward's
+    seen.clear()
+    kl, lp = kl_from_hidden(hs, ws, ht, wt, tokens, chunk_size=4)  # without autocast: float32 both ways
+    (kl.sum() + lp.sum()).backward()
+    assert set(seen) == {(False, torch.float32)}
