@@ -55,6 +55,12 @@ class Args:
     """response length cap in tokens (toy responses are ~25 tokens; use 1024+ for MATH)"""
     temperature: float = 0.0
     """sampling temperature; 0 = greedy"""
+    sampler: Literal["dynamic", "static"] = "dynamic"
+    """'dynamic' (the default): transformers' generate with a KV cache that grows with the response; 'static': one
+    preallocated cache (--batch-size rows x the longest prompt + --max-new-tokens) and, on CUDA, the decode step
+    compiled once with CUDA graphs (tens of seconds up front). The same tokens in float32; in bf16 compiled kernels
+    round differently. On CUDA the default may change to the faster one once a GPU has measured both
+    (benchmark/bench_sampler.py). With --compare, the judge's sampler"""
     teacher: str | None = None
     """teacher for KL and CSR (same tokenizer as the model); None: accuracy only"""
     budget: float = 0.05
@@ -305,10 +311,19 @@ def rwr(args: Args) -> dict:
     prompts = [
         render_judge_prompt(tokenizer, p, ra["response"], rb["response"]) for p, ra, rb in zip(problems, a, b)
     ] + [render_judge_prompt(tokenizer, p, rb["response"], ra["response"]) for p, ra, rb in zip(problems, a, b)]
+    # the static sampler's one cache length: the longest judge prompt
+    cap = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]) if prompts else None
     outputs, truncated = [], []
     for i in tqdm(range(0, len(prompts), args.batch_size), desc="judge", leave=False):
         for _, response_ids in common.generate(
-            judge, tokenizer, prompts[i : i + args.batch_size], args.judge_max_new_tokens, 0.0, args.batch_size
+            judge,
+            tokenizer,
+            prompts[i : i + args.batch_size],
+            args.judge_max_new_tokens,
+            0.0,
+            args.batch_size,
+            sampler=args.sampler,
+            max_prompt_tokens=cap,
         ):
             outputs.append(tokenizer.decode(response_ids, skip_special_tokens=True))
             truncated.append(not response_ids or response_ids[-1] not in eos)
@@ -355,6 +370,7 @@ def rwr(args: Args) -> dict:
         solution_1_preferred=decided.count("1") / len(decided) if decided else None,  # 0.5: no position bias
         judge_truncated=sum(truncated),
         judge_max_new_tokens=args.judge_max_new_tokens,
+        sampler=args.sampler,
         accuracy_a=accuracy(a),
         accuracy_b=accuracy(b),
         seconds=round(time.time() - start, 1),
@@ -420,6 +436,7 @@ def main(args: Args) -> dict:
         kl_chunk_size=args.kl_chunk_size,
         seed=args.seed,
         progress=True,
+        sampler=args.sampler,
     )
     # the question itself, so that --compare can match two models' results whatever their chat templates
     records = [{"question": problem["question"], **record} for problem, record in zip(problems, records)]
@@ -428,6 +445,7 @@ def main(args: Args) -> dict:
         teacher=args.teacher,
         dataset=args.dataset,
         split=args.split,
+        sampler=args.sampler,
         seconds=round(time.time() - start, 1),
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
