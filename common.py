@@ -619,16 +619,29 @@ def longest_prompt_tokens(tokenizer, problems: list[dict]) -> int:
     return max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
 
 
-def static_compile_config(device: torch.device):
-    """How the static sampler compiles its decode step on `device`: on CUDA, inductor with CUDA graphs
-    ('reduce-overhead'), one graph (fullgraph: a graph break fails at the first call instead of silently splitting
-    the CUDA graph) of fixed shapes (dynamic=False: the cache length and the batch are fixed for a run); elsewhere
-    None, no compilation (transformers compiles only on accelerators unless told otherwise)."""
+def static_compile_config(device: torch.device, backend: str = "auto"):
+    """How the static sampler compiles its decode step: a transformers CompileConfig, or None for no compilation.
+    'auto': on CUDA 'inductor' when a C compiler and Python's headers are there (inductor and triton build their
+    kernels with them), else 'cudagraphs' (CUDA graphs without code generation); elsewhere None (on CPU the static
+    cache runs eagerly). 'inductor' on CUDA runs in mode 'reduce-overhead' (its kernels replayed as CUDA graphs).
+    Always one graph (fullgraph: a graph break fails at the first call instead of silently splitting the CUDA graph)
+    of fixed shapes (dynamic=False: the cache length and the batch are fixed for a run). 'none': None."""
+    import sysconfig
+
     from transformers import CompileConfig
 
-    if device.type != "cuda":
+    if backend == "auto":
+        if device.type != "cuda":
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        headers = Path(sysconfig.get_paths()["include"], "Python.h").is_file()
+        backend = "inductor" if compiler and headers else "cudagraphs"
+    if backend == "none":
         return None
-    return CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="reduce-overhead")
+    mode = "reduce-overhead" if backend == "inductor" and device.type == "cuda" else "default"
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    config._compile_all_devices = device.type != "cuda"  # transformers compiles only on accelerators unless told
+    return config
 
 
 def _static_cache(model, rows: int, length: int):
