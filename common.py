@@ -682,15 +682,17 @@ def generate(
     on-policy for the distribution that the policy gradient differentiates and the KL compares. Runs in eval mode.
     The G copies of a prompt (consecutive, as in training) share one prefill of the prompt.
 
-    sampler: 'dynamic', a KV cache that grows with the response; 'static', one preallocated cache of
-    batch_size x (max_prompt_tokens + max_new_tokens) positions for the model, kept between calls, and the decode
-    step compiled once for that shape (`compile_config`); a short last chunk is padded with dummy rows (copies of
-    its last prompt, stopped after one token, dropped). Both give the same tokens in float32 (tests/test_sampler.py),
-    except at temperature > 0 in a short last chunk, where the dummy rows draw random numbers too.
-    max_prompt_tokens: static only, the longest prompt in tokens that this cache must hold (a run's cap:
+    sampler: 'dynamic', a KV cache that grows with the response; 'static', the model's one preallocated cache of
+    batch_size x (max_prompt_tokens + max_new_tokens) positions, kept between calls, and the decode step compiled
+    once for that shape (`compile_config`). Prompts keep their chunk's own width: the decode step's shapes depend on
+    the cache length and the batch only. A short chunk is padded with dummy rows (copies of its last prompt, done
+    after one token, dropped). On CPU in float32 both samplers give the same tokens (tests/test_sampler.py), except
+    at temperature > 0 in a short chunk, whose dummy rows draw random numbers too (training's chunks are full);
+    compiled GPU kernels round differently, so in bf16 they agree on most tokens, not all (benchmark/bench_sampler.py).
+    max_prompt_tokens: static only, the longest prompt in tokens that the cache must hold (a run's cap:
     `longest_prompt_tokens`); None: the longest prompt of this call. A longer prompt is refused.
-    compile_config: static only, a transformers CompileConfig for the decode step; 'auto': `static_compile_config`
-    (CUDA graphs on CUDA, none elsewhere); None: no compilation.
+    compile_config: static only, a transformers CompileConfig for the decode step or None (none); 'auto':
+    `static_compile_config` (inductor with CUDA graphs on CUDA, none on CPU).
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
