@@ -311,8 +311,9 @@ def rwr(args: Args) -> dict:
     prompts = [
         render_judge_prompt(tokenizer, p, ra["response"], rb["response"]) for p, ra, rb in zip(problems, a, b)
     ] + [render_judge_prompt(tokenizer, p, rb["response"], ra["response"]) for p, ra, rb in zip(problems, a, b)]
-    # the static sampler's one cache length: the longest judge prompt
-    cap = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]) if prompts else None
+    cap = None  # the static sampler's one cache length: the longest judge prompt
+    if args.sampler == "static" and prompts:
+        cap = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
     outputs, truncated = [], []
     for i in tqdm(range(0, len(prompts), args.batch_size), desc="judge", leave=False):
         for _, response_ids in common.generate(

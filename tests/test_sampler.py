@@ -140,6 +140,26 @@ def test_static_sampler_refuses_a_prompt_over_its_cap(tiny_toy):
         common.generate(model, tokenizer, prompts, 4, 0.0, 2, sampler="vllm")
 
 
+def test_eval_math_takes_the_sampler_and_answers_the_same(tiny_toy, tmp_path):
+    """eval_math.py --sampler static (on CPU: the static cache, uncompiled) through common.evaluate, whose cache
+    holds the longest of its prompts: 5 problems in batches of 4, scored by the teacher, the same results."""
+    import json
+
+    import tyro
+
+    import eval_math
+
+    results = {}
+    for sampler in ("dynamic", "static"):
+        argv = ["--model", str(tiny_toy / "student"), "--teacher", str(tiny_toy / "teacher")]
+        argv += ["--dataset", str(tiny_toy / "test.jsonl"), "--limit", "5", "--batch-size", "4"]
+        argv += ["--max-new-tokens", "12", "--sampler", sampler, "--output-dir", str(tmp_path / sampler)]
+        eval_math.main(tyro.cli(eval_math.Args, args=argv))
+        assert json.loads((tmp_path / sampler / "summary.json").read_text())["sampler"] == sampler
+        results[sampler] = (tmp_path / sampler / "results.jsonl").read_text()
+    assert results["static"] == results["dynamic"] and len(results["static"].splitlines()) == 5
+
+
 @pytest.mark.parametrize("sampler", ["dynamic", "static"])
 def test_a_checkpoints_generation_config_does_not_reach_sampling(tiny_toy, tmp_path, counting_compile, sampler):
     from transformers import GenerationConfig
