@@ -58,9 +58,9 @@ class Args:
     sampler: Literal["dynamic", "static"] = "dynamic"
     """'dynamic' (the default): transformers' generate with a KV cache that grows with the response; 'static': one
     preallocated cache (--batch-size rows x the longest prompt + --max-new-tokens) and, on CUDA, the decode step
-    compiled once with CUDA graphs (tens of seconds up front). The same tokens in float32; in bf16 compiled kernels
-    round differently. On CUDA the default may change to the faster one once a GPU has measured both
-    (benchmark/bench_sampler.py). With --compare, the judge's sampler"""
+    compiled once with CUDA graphs (tens of seconds up front). The same tokens on CPU; on a GPU compiled kernels
+    round differently, so in bf16 most tokens agree, not all. On CUDA the default may change to the faster one once a
+    GPU has measured both (benchmark/bench_sampler.py). With --compare, also the judge's sampler"""
     teacher: str | None = None
     """teacher for KL and CSR (same tokenizer as the model); None: accuracy only"""
     budget: float = 0.05
@@ -314,15 +314,15 @@ def rwr(args: Args) -> dict:
     cap = None  # the static sampler's one cache length: the longest judge prompt
     if args.sampler == "static" and prompts:
         cap = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
-    outputs, truncated = [], []
-    for i in tqdm(range(0, len(prompts), args.batch_size), desc="judge", leave=False):
+    outputs, truncated, batch_size = [], [], min(args.batch_size, max(len(prompts), 1))  # no rows to pad
+    for i in tqdm(range(0, len(prompts), batch_size), desc="judge", leave=False):
         for _, response_ids in common.generate(
             judge,
             tokenizer,
-            prompts[i : i + args.batch_size],
+            prompts[i : i + batch_size],
             args.judge_max_new_tokens,
             0.0,
-            args.batch_size,
+            batch_size,
             sampler=args.sampler,
             max_prompt_tokens=cap,
         ):
@@ -429,7 +429,7 @@ def main(args: Args) -> dict:
         tokenizer,
         problems,
         max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
+        batch_size=min(args.batch_size, max(len(problems), 1)),  # the static sampler pads no rows to a larger batch
         temperature=args.temperature,
         teacher=teacher,
         budget=args.budget,
