@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -640,21 +641,99 @@ def shared_prompt_cache(model, ids, attention, positions, rows):
     return hidden, cache
 
 
+SAMPLERS = ("dynamic", "static")
+_STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> ((rows, length, dtype, device), its one StaticCache)
+
+
+def longest_prompt_tokens(tokenizer, problems: list[dict]) -> int:
+    """Tokens of the longest rendered prompt of `problems`: a run's prompt cap for the static sampler (the training
+    and evaluation problems together, so that every generate call of the run uses one cache length)."""
+    prompts = [render_prompt(tokenizer, p["question"]) for p in problems]
+    return max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+
+
+def static_compile_config(device: torch.device, backend: str = "auto"):
+    """How the static sampler compiles its decode step: a transformers CompileConfig, or None for no compilation.
+    'auto': on CUDA 'inductor' when a C compiler and Python's headers are there (inductor and triton build their
+    kernels with them), else 'cudagraphs' (CUDA graphs without code generation); elsewhere None (on CPU the static
+    cache runs eagerly). 'inductor' on CUDA runs in mode 'reduce-overhead' (its kernels replayed as CUDA graphs).
+    Always one graph (fullgraph: a graph break fails at the first call instead of silently splitting the CUDA graph)
+    of fixed shapes (dynamic=False: the cache length and the batch are fixed for a run). 'none': None."""
+    import sysconfig
+
+    from transformers import CompileConfig
+
+    if backend == "auto":
+        if device.type != "cuda":
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        headers = Path(sysconfig.get_paths()["include"], "Python.h").is_file()
+        backend = "inductor" if compiler and headers else "cudagraphs"
+    if backend == "none":
+        return None
+    mode = "reduce-overhead" if backend == "inductor" and device.type == "cuda" else "default"
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    config._compile_all_devices = device.type != "cuda"  # transformers compiles only on accelerators unless told
+    return config
+
+
+def _static_cache(model, rows: int, length: int):
+    """The model's one StaticCache of `rows` x `length` positions, emptied: kept between calls so that its tensors
+    keep their addresses (a CUDA graph replays on them; new ones would make it re-record), replaced when the shape
+    or the compute dtype (autocast's, else the weights') changes."""
+    from transformers import StaticCache
+
+    device = model.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype
+    key = (rows, length, dtype, device)
+    held = _STATIC_CACHES.get(model)
+    if held is None or held[0] != key:
+        held = (key, StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=length))
+        _STATIC_CACHES[model] = held
+    held[1].reset()
+    return held[1]
+
+
 @torch.no_grad()
 def generate(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    sampler: str = "dynamic",
+    max_prompt_tokens: int | None = None,
+    compile_config="auto",
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, response_ids) per prompt; the response ends at its first eos (kept) or at max_new_tokens.
 
-    Sampling is from the model's plain softmax over the tokenizer's real ids at `temperature` (0 = greedy):
-    top-k, top-p and repetition penalties from the checkpoint's generation_config are switched off and
-    padding rows of a wider output matrix are suppressed, so sampled responses are on-policy for the
-    distribution that the policy gradient differentiates and the KL compares. Runs in eval mode.
-    """
-    from transformers import GenerationConfig
+    Sampling is from the model's plain softmax over the tokenizer's real ids at `temperature` (0 = greedy), and from
+    nothing else: the checkpoint's generation_config is set aside for the call (its top-k, top-p, min-p, typical-p,
+    cutoffs, penalties, n-gram and bad-word bans, minimum lengths, biases and suppress lists would each make the
+    samples off-policy), and padding rows of a wider output matrix are suppressed, so sampled responses are
+    on-policy for the distribution that the policy gradient differentiates and the KL compares. Runs in eval mode.
+    The G copies of a prompt (consecutive, as in training) share one prefill of the prompt.
 
+    sampler: 'dynamic', a KV cache that grows with the response; 'static', the model's one preallocated cache of
+    batch_size x (max_prompt_tokens + max_new_tokens) positions, kept between calls, and the decode step compiled
+    once for that shape (`compile_config`). Prompts keep their chunk's own width: the decode step's shapes depend on
+    the cache length and the batch only. A short chunk is padded with dummy rows (copies of its last prompt, done
+    after one token, dropped). On CPU in float32 both samplers give the same tokens (tests/test_sampler.py), except
+    at temperature > 0 in a short chunk, whose dummy rows draw random numbers too (training's chunks are full);
+    compiled GPU kernels round differently, so in bf16 they agree on most tokens, not all (benchmark/bench_sampler.py).
+    max_prompt_tokens: static only, the longest prompt in tokens that the cache must hold (a run's cap:
+    `longest_prompt_tokens`); None: the longest prompt of this call. A longer prompt is refused.
+    compile_config: static only, a transformers CompileConfig for the decode step or None (none); 'auto':
+    `static_compile_config` (inductor with CUDA graphs on CUDA, none on CPU).
+    """
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    if sampler not in SAMPLERS:
+        raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    static = sampler == "static"
     eos = eos_token_ids(model, tokenizer)
-    # top_k=0 and top_p=1.0 must be explicit: unset values fall back to the checkpoint's (Qwen: 20 and 0.8)
+    # top_k=0 and top_p=1.0 must be explicit: unset values fall back to transformers' defaults (top-k 50)
     sampling = (
         dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     )
@@ -668,39 +747,64 @@ def generate(
         use_cache=True,
         **sampling,
     )
-    was_training = model.training
+    if static:
+        cap = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]) if prompts else 0
+        if max_prompt_tokens is not None and cap > max_prompt_tokens:
+            raise InputError(
+                f"a prompt of {cap} tokens is longer than the static sampler's cap of {max_prompt_tokens} tokens "
+                "(max_prompt_tokens): raise the cap to the longest prompt of the run, or use the dynamic sampler"
+            )
+        cache_length = (max_prompt_tokens or cap) + max_new_tokens
+        compile_config = static_compile_config(model.device) if compile_config == "auto" else compile_config
+        config.compile_config, config.disable_compile = compile_config, compile_config is None
+
+    was_training, checkpoint_config = model.training, model.generation_config
+    # transformers fills every field left unset in `config` from model.generation_config (generate's
+    # _prepare_generation_config): a blank one for the call leaves only `config` and transformers' neutral defaults
+    model.generation_config = GenerationConfig()
     model.eval()
     pairs = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        # the G copies of a group's prompt share one prefill: each distinct prompt (but its last token) runs once,
-        # its KV cache is copied to every copy, and generate() goes on from the last prompt token
-        distinct = list(dict.fromkeys(chunk))
-        row = {p: k for k, p in enumerate(distinct)}
-        copies = (
-            torch.tensor([row[p] for p in chunk]) if len(distinct) < len(chunk) else None
-        )  # prompt row of each copy
-        enc = tokenizer(distinct, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(
-            model.device
-        )
-        cache = None
-        if copies is not None:
-            copies = copies.to(model.device)
-            if enc["input_ids"].shape[1] > 1:
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            real = len(chunk)
+            # the G copies of a group's prompt share one prefill: each distinct prompt (but its last token) runs once,
+            # its KV cache is copied to every copy, and generate() goes on from the last prompt token
+            shared = len(set(chunk)) < real
+            if static:
+                chunk = chunk + chunk[-1:] * (batch_size - real)
+            distinct = list(dict.fromkeys(chunk))
+            row = {p: k for k, p in enumerate(distinct)}
+            copies = torch.tensor([row[p] for p in chunk], device=model.device)  # prompt row of each row
+            enc = tokenizer(distinct, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+            enc = enc.to(model.device)
+            cache, stopping = None, StoppingCriteriaList()
+            if static:
+                cache = _static_cache(model, batch_size, cache_length)
+                dummy = torch.arange(batch_size, device=model.device) >= real  # (batch_size,) rows padding the chunk
+                stopping.append(lambda input_ids, scores, **kwargs: dummy)  # done after their first token
+            if shared and enc["input_ids"].shape[1] > 1:
                 mask = enc["attention_mask"][:, :-1]
-                _, cache = shared_prompt_cache(
+                _, prefix = shared_prompt_cache(
                     model, enc["input_ids"][:, :-1], mask, (mask.cumsum(1) - 1).clamp(min=0), copies
                 )
+                if static:  # the shared prefix into the static cache (each layer's first update sizes its tensors)
+                    for layer, source in zip(cache.layers, prefix.layers):
+                        layer.update(source.keys, source.values)
+                else:
+                    cache = prefix
             enc = {k: v[copies] for k, v in enc.items()}
-        out = model.generate(**enc, past_key_values=cache, generation_config=config)
-        for row_ids, row_mask, row_out in zip(
-            enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]
-        ):
-            response = row_out.tolist()
-            ends = [j for j, t in enumerate(response) if t in eos]
-            response = response[: ends[0] + 1] if ends else response
-            pairs.append((row_ids[row_mask.bool()].tolist(), response))
-    model.train(was_training)
+            out = model.generate(**enc, past_key_values=cache, generation_config=config, stopping_criteria=stopping)
+            for row_ids, row_mask, row_out in zip(
+                enc["input_ids"][:real], enc["attention_mask"][:real], out[:real, enc["input_ids"].shape[1] :]
+            ):
+                response = row_out.tolist()
+                ends = [j for j, t in enumerate(response) if t in eos]
+                response = response[: ends[0] + 1] if ends else response
+                pairs.append((row_ids[row_mask.bool()].tolist(), response))
+    finally:
+        model.generation_config = checkpoint_config
+        model.train(was_training)
     return pairs
 
 
@@ -824,18 +928,32 @@ def evaluate(
     kl_chunk_size: int = 1024,
     seed: int = 0,
     progress: bool = False,
+    sampler: str = "dynamic",
+    max_prompt_tokens: int | None = None,
 ) -> tuple[list[dict], dict]:
     """Generate (greedy, or sampled at `temperature`), grade and, with a teacher, score each response: its mean
     per-token KL and its cost under `constraint` (as in training: `sequence_costs`). Returns per-problem records
-    and a summary (accuracy; with a teacher mean KL, mean cost, cost quantiles and CSR at `budget`)."""
+    and a summary (accuracy; with a teacher mean KL, mean cost, cost quantiles and CSR at `budget`).
+    sampler, max_prompt_tokens: as in `generate` (None: the longest of these prompts, one cache length for all)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     prompts = [render_prompt(tokenizer, p["question"]) for p in problems]
+    if sampler == "static" and max_prompt_tokens is None and problems:
+        max_prompt_tokens = longest_prompt_tokens(tokenizer, problems)
     vocab = vocab_size(tokenizer, model, *([teacher] if teacher is not None else []))
     records, was_training = [], model.training
     for i in tqdm(range(0, len(prompts), batch_size), desc="eval", disable=not progress, leave=False):
-        pairs = generate(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, batch_size)
+        pairs = generate(
+            model,
+            tokenizer,
+            prompts[i : i + batch_size],
+            max_new_tokens,
+            temperature,
+            batch_size,
+            sampler=sampler,
+            max_prompt_tokens=max_prompt_tokens,
+        )
         mean_kls = costs = [None] * len(pairs)
         if teacher is not None:
             batch = pad_sequences(pairs, tokenizer.pad_token_id, model.device)

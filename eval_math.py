@@ -55,6 +55,12 @@ class Args:
     """response length cap in tokens (toy responses are ~25 tokens; use 1024+ for MATH)"""
     temperature: float = 0.0
     """sampling temperature; 0 = greedy"""
+    sampler: Literal["dynamic", "static"] = "dynamic"
+    """'dynamic' (the default): transformers' generate with a KV cache that grows with the response; 'static': one
+    preallocated cache (--batch-size rows x the longest prompt + --max-new-tokens) and, on CUDA, the decode step
+    compiled once with CUDA graphs (tens of seconds up front). The same tokens on CPU; on a GPU compiled kernels
+    round differently, so in bf16 most tokens agree, not all. On CUDA the default may change to the faster one once a
+    GPU has measured both (benchmark/bench_sampler.py). With --compare, also the judge's sampler"""
     teacher: str | None = None
     """teacher for KL and CSR (same tokenizer as the model); None: accuracy only"""
     budget: float = 0.05
@@ -305,10 +311,20 @@ def rwr(args: Args) -> dict:
     prompts = [
         render_judge_prompt(tokenizer, p, ra["response"], rb["response"]) for p, ra, rb in zip(problems, a, b)
     ] + [render_judge_prompt(tokenizer, p, rb["response"], ra["response"]) for p, ra, rb in zip(problems, a, b)]
-    outputs, truncated = [], []
-    for i in tqdm(range(0, len(prompts), args.batch_size), desc="judge", leave=False):
+    cap = None  # the static sampler's one cache length: the longest judge prompt
+    if args.sampler == "static" and prompts:
+        cap = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    outputs, truncated, batch_size = [], [], min(args.batch_size, max(len(prompts), 1))  # no rows to pad
+    for i in tqdm(range(0, len(prompts), batch_size), desc="judge", leave=False):
         for _, response_ids in common.generate(
-            judge, tokenizer, prompts[i : i + args.batch_size], args.judge_max_new_tokens, 0.0, args.batch_size
+            judge,
+            tokenizer,
+            prompts[i : i + batch_size],
+            args.judge_max_new_tokens,
+            0.0,
+            batch_size,
+            sampler=args.sampler,
+            max_prompt_tokens=cap,
         ):
             outputs.append(tokenizer.decode(response_ids, skip_special_tokens=True))
             truncated.append(not response_ids or response_ids[-1] not in eos)
@@ -355,6 +371,7 @@ def rwr(args: Args) -> dict:
         solution_1_preferred=decided.count("1") / len(decided) if decided else None,  # 0.5: no position bias
         judge_truncated=sum(truncated),
         judge_max_new_tokens=args.judge_max_new_tokens,
+        sampler=args.sampler,
         accuracy_a=accuracy(a),
         accuracy_b=accuracy(b),
         seconds=round(time.time() - start, 1),
@@ -412,7 +429,7 @@ def main(args: Args) -> dict:
         tokenizer,
         problems,
         max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
+        batch_size=min(args.batch_size, max(len(problems), 1)),  # the static sampler pads no rows to a larger batch
         temperature=args.temperature,
         teacher=teacher,
         budget=args.budget,
@@ -420,6 +437,7 @@ def main(args: Args) -> dict:
         kl_chunk_size=args.kl_chunk_size,
         seed=args.seed,
         progress=True,
+        sampler=args.sampler,
     )
     # the question itself, so that --compare can match two models' results whatever their chat templates
     records = [{"question": problem["question"], **record} for problem, record in zip(problems, records)]
@@ -428,6 +446,7 @@ def main(args: Args) -> dict:
         teacher=args.teacher,
         dataset=args.dataset,
         split=args.split,
+        sampler=args.sampler,
         seconds=round(time.time() - start, 1),
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),

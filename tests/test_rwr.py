@@ -208,8 +208,9 @@ def test_rwr_pipeline_with_a_scripted_judge(tmp_path, monkeypatch):
         def decode(self, ids, skip_special_tokens=True):
             return texts[ids[0]]
 
-    def generate(model, tokenizer, prompts, max_new_tokens, temperature, batch_size):
+    def generate(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, sampler, max_prompt_tokens):
         assert temperature == 0.0 and max_new_tokens == 7  # greedy, at --judge-max-new-tokens
+        assert sampler == "dynamic" and max_prompt_tokens is None  # the default sampler, which needs no cap
         pairs = []
         for prompt in prompts:
             first = prompt.split("Solution 1:")[1].split("Solution 2:")[0]
