@@ -107,6 +107,9 @@ class Args:
     """response length cap in tokens (toy responses are ~20 tokens; 1024 for GSM8K, 2048+ for MATH)"""
     temperature: float = 1.0
     """sampling temperature for the training responses (the KL is always at temperature 1)"""
+    sampler: Literal["dynamic", "static"] = "dynamic"
+    """rollouts and evals: 'dynamic' (Hugging Face generate, dynamic KV cache) or 'static' (a static KV cache sized
+    for the run and, on CUDA, a compiled decode step): the same tokens (docs/scaling.md)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (constant); the toy task's, from a measured sweep (docs/results.md); ~1e-6 for 1.5B models"""
     max_grad_norm: float = 1.0
@@ -203,6 +206,9 @@ def main(args: Args) -> Path | None:
         chunk_size=args.kl_chunk_size,
         vocab_size=common.vocab_size(tokenizer, student, teacher),
     )
+    prompt_cap = (  # the static sampler's cache length, one for the run
+        common.longest_prompt_tokens(tokenizer, train_problems + eval_problems) if args.sampler == "static" else None
+    )
     evaluate = functools.partial(
         evaluate_student,
         args=args,
@@ -210,6 +216,7 @@ def main(args: Args) -> Path | None:
         teacher=teacher,
         tokenizer=tokenizer,
         problems=eval_problems,
+        prompt_cap=prompt_cap,
         rank=rank,
         world_size=world_size,
         autocast=autocast,
@@ -230,6 +237,7 @@ def main(args: Args) -> Path | None:
             student=student,
             tokenizer=tokenizer,
             problems=train_problems,
+            prompt_cap=prompt_cap,
             rank=rank,
             world_size=world_size,
             autocast=autocast,
@@ -390,7 +398,9 @@ def batch_indices(step: int, batch_size: int, num_problems: int, seed: int) -> l
 
 
 @torch.no_grad()
-def sample_responses(step: int, args: Args, *, student, tokenizer, problems, rank: int, world_size: int, autocast):
+def sample_responses(
+    step: int, args: Args, *, student, tokenizer, problems, prompt_cap, rank: int, world_size: int, autocast
+):
     """Step 1 on this rank: G responses sampled from the student for each of its P / world_size prompts (a group
     stays whole on one rank; each generation chunk of M is seeded by (seed, step, chunk), so the samples do not
     depend on the number of ranks). Returns (problems (R,), prompts (R,), responses (R,) decoded, micro-batches of M
@@ -403,7 +413,16 @@ def sample_responses(step: int, args: Args, *, student, tokenizer, problems, ran
     with autocast():
         for j in range(0, len(prompts), M):
             torch.manual_seed(common.derive_seed(args.seed, step, first_chunk + j // M))
-            pairs += common.generate(student, tokenizer, prompts[j : j + M], args.max_new_tokens, args.temperature, M)
+            pairs += common.generate(
+                student,
+                tokenizer,
+                prompts[j : j + M],
+                args.max_new_tokens,
+                args.temperature,
+                M,
+                sampler=args.sampler,
+                max_prompt_tokens=prompt_cap,
+            )
     responses = [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
     micro_batches = [
         common.pad_sequences(pairs[j : j + M], tokenizer.pad_token_id, student.device) for j in range(0, len(pairs), M)
@@ -412,7 +431,7 @@ def sample_responses(step: int, args: Args, *, student, tokenizer, problems, ran
 
 
 def evaluate_student(
-    step: int, *, args: Args, student, teacher, tokenizer, problems, rank: int, world_size: int, autocast
+    step: int, *, args: Args, student, teacher, tokenizer, problems, prompt_cap, rank: int, world_size: int, autocast
 ) -> dict:
     """Greedy eval on the held-out problems, split across ranks (counts summed): {"step", "eval/..."}."""
     with autocast():
@@ -427,6 +446,8 @@ def evaluate_student(
             constraint=args.constraint,
             kl_chunk_size=args.kl_chunk_size,
             seed=args.seed,
+            sampler=args.sampler,
+            max_prompt_tokens=prompt_cap,
         )
     rows = [[1.0, r["correct"], r["mean_kl"], r["cost"] <= args.budget, r["response_tokens"]] for r in records]
     sums = common.all_reduce(torch.tensor(rows, dtype=torch.float64).reshape(-1, 5).sum(0))

@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -81,6 +82,9 @@ class Args:
     """length cap of the teacher's responses in tokens (toy ~20; 1024 for GSM8K)"""
     temperature: float = 1.0
     """the teacher's sampling temperature (1: its own distribution; 0: greedy)"""
+    sampler: Literal["dynamic", "static"] = "dynamic"
+    """'dynamic' (Hugging Face generate, dynamic KV cache) or 'static' (a static KV cache sized for the run and, on
+    CUDA, a compiled decode step): the same tokens (docs/scaling.md)"""
     learning_rate: float = 1e-5
     """AdamW learning rate (constant)"""
     max_grad_norm: float = 1.0
@@ -114,14 +118,24 @@ def main(args: Args) -> Path | None:
         print(f"run folder: {run_dir}", flush=True)
         writer = common.make_writer(run_dir, args, purge_step=state["step"] if args.resume else None)
     M = args.micro_batch_size
+    prompt_cap = common.longest_prompt_tokens(tokenizer, problems) if args.sampler == "static" else None  # its cache
 
     for step in tqdm(
         range(state["step"], args.num_steps), initial=state["step"], total=args.num_steps, disable=rank > 0
     ):
         step_start = time.time()
         # 1. the teacher's responses to this rank's prompts
-        pairs = sample_teacher_responses(step, args, teacher=teacher, tokenizer=tokenizer, problems=problems,
-                                         rank=rank, world_size=world_size, autocast=autocast)  # fmt: skip
+        pairs = sample_teacher_responses(
+            step,
+            args,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            problems=problems,
+            prompt_cap=prompt_cap,
+            rank=rank,
+            world_size=world_size,
+            autocast=autocast,
+        )
         generate_seconds = time.time() - step_start
         num_tokens = int(common.all_reduce(torch.tensor(sum(len(r) for _, r in pairs))).item())  # the step's N
 
@@ -207,7 +221,9 @@ def check_args(args: Args) -> None:
 
 
 @torch.no_grad()
-def sample_teacher_responses(step: int, args: Args, *, teacher, tokenizer, problems, rank, world_size, autocast):
+def sample_teacher_responses(
+    step: int, args: Args, *, teacher, tokenizer, problems, prompt_cap, rank, world_size, autocast
+):
     """Step 1 on this rank: G teacher samples for each of its P / world_size prompts, drawn with replacement from the
     problems by (seed, step) and sampled per chunk of M with a seed of (seed, step, chunk), so that the batch does not
     depend on the number of ranks. Returns [(prompt_ids, response_ids)] (P / world_size * G,)."""
@@ -219,7 +235,16 @@ def sample_teacher_responses(step: int, args: Args, *, teacher, tokenizer, probl
     with autocast():
         for j in range(0, len(prompts), M):
             torch.manual_seed(common.derive_seed(args.seed, step, first_chunk + j // M))
-            pairs += common.generate(teacher, tokenizer, prompts[j : j + M], args.max_new_tokens, args.temperature, M)
+            pairs += common.generate(
+                teacher,
+                tokenizer,
+                prompts[j : j + M],
+                args.max_new_tokens,
+                args.temperature,
+                M,
+                sampler=args.sampler,
+                max_prompt_tokens=prompt_cap,
+            )
     return pairs
 
 
