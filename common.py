@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import weakref
+import zipfile
 from collections import deque
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -116,14 +117,93 @@ def _split_gguf(path: str) -> tuple[str, dict]:
     return path, {}
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+
+
 def check_model_path(path: str, what: str) -> None:
-    """Fail before any loading on a path that is neither an existing file/folder nor a hub id."""
-    is_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) and not path.endswith(".gguf")
-    if not os.path.exists(os.path.expanduser(path)) and not is_hub_id:
+    """Fail before any loading on a path that is neither an existing file/folder nor a hub id, and on a hub id that
+    is not cached while the hub cannot be reached (check_hub_id)."""
+    if os.path.exists(os.path.expanduser(path)):
+        return
+    if not _HUB_ID.fullmatch(path) or path.endswith(".gguf"):
         raise InputError(
             f"{what} {path!r} does not exist; pass a local model folder, a .gguf file, a hub id like "
             "Qwen/Qwen2.5-Math-1.5B-Instruct, or 'toy'"
         )
+    check_hub_id(
+        path,
+        "model",
+        f"{what} {path}",
+        f"pass a local copy instead: a model folder made where the hub can be reached (`hf download {path} "
+        "--local-dir DIR`)",
+    )
+
+
+# Without the network huggingface_hub retries each file 5 times with backoff (~30 s per file, ~50 s before a missing
+# model fails, minutes before a cached one loads): one short request to its endpoint answers first.
+_HUB_PROBE_TIMEOUT = dict(connect=5.0, read=10.0, write=10.0, pool=5.0)  # seconds; read: HF_HUB_ETAG_TIMEOUT's default
+
+
+_HUB_WENT_OFFLINE = False  # set by check_hub_id when it switches the process to the cache
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable(endpoint: str) -> str | None:
+    """None if `endpoint` answers an HTTP request (any status), else why not ("ConnectError: ..."). Through
+    huggingface_hub's own client, so its proxies and certificates apply; once per endpoint and process."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        from httpx2 import Timeout, TransportError  # what huggingface_hub >= 2 talks through
+    except ImportError:
+        from httpx import Timeout, TransportError
+    try:
+        get_session().head(endpoint, timeout=Timeout(**_HUB_PROBE_TIMEOUT), follow_redirects=False)
+    except TransportError as e:  # no answer: DNS, refused or timed-out connection, proxy, TLS
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}".rstrip(": ")
+    return None
+
+
+def _hub_cached(repo_id: str, repo_type: str) -> bool:
+    """Whether a snapshot of the repository is in the local Hugging Face cache (or, for a dataset, its prepared
+    copy in the datasets cache), so that it may load without the network."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots"
+    if folder.is_dir() and any(folder.iterdir()):
+        return True
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    return repo_type == "dataset" and (datasets_cache / repo_id.replace("/", "___")).is_dir()
+
+
+def check_hub_id(repo_id: str, repo_type: str, what: str, instead: str) -> None:
+    """Answer in seconds for a hub repository (repo_type 'model' or 'dataset') that cannot load: unless
+    HF_HUB_OFFLINE is set (then huggingface_hub's own error is already immediate), probe the endpoint it uses
+    (HF_ENDPOINT); unreachable and not cached: InputError naming `what` and saying what to pass `instead`;
+    unreachable but cached: the process goes on as with HF_HUB_OFFLINE=1, so the cached copy loads at once."""
+    global _HUB_WENT_OFFLINE
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() and not _HUB_WENT_OFFLINE:
+        return
+    if (reason := _hub_unreachable(constants.ENDPOINT)) is None:
+        return
+    if not _hub_cached(repo_id, repo_type):
+        raise InputError(
+            f"{what} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
+            f"({constants.ENDPOINT}) cannot be reached ({reason}); {instead}"
+        )
+    print(
+        f"the hub ({constants.ENDPOINT}) cannot be reached ({reason}): {repo_id} loads from the local cache, "
+        "as with HF_HUB_OFFLINE=1",
+        file=sys.stderr,
+        flush=True,
+    )
+    _HUB_WENT_OFFLINE = True  # so that a later id that is not cached is still refused here
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries imported later (datasets reads it at import)
+    constants.HF_HUB_OFFLINE = True  # what huggingface_hub and transformers consult on each call
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -237,7 +317,16 @@ def check_dataset(name: str, split: str) -> None:
             f"{', '.join(splits)}, not {split!r}: to train, pass a local .jsonl file as --dataset and "
             f"{name} as --eval-dataset"
         )
-    if name != "toy" and name not in HUB_DATASETS:
+    if name in HUB_DATASETS:
+        repo = HUB_DATASETS[name][0]
+        check_hub_id(
+            repo,
+            "dataset",
+            f"dataset {name} ({repo})",
+            "pass a local .jsonl or .json file of its problems instead (GSM8K's question/answer or MATH's "
+            "problem/answer fields)",
+        )
+    elif name != "toy":
         _read_problem_file(name)
 
 
@@ -1096,6 +1185,89 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(Path(path) / "trainer_state.pt", weights_only=True, map_location="cpu")
 
 
+def _checkpoint_json(folder: Path, name: str, flag: str) -> dict:
+    """The JSON object in a checkpoint's file `name`; InputError if it is missing or holds anything else."""
+    try:
+        value = json.loads((folder / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{flag} {str(folder)!r} has no {name}, which a checkpoint of these scripts holds") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise InputError(f"{flag} {str(folder)!r}: its {name} is not valid JSON ({why})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{flag} {str(folder)!r}: its {name} holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def check_resume(args, same: tuple[str, ...]) -> None:
+    """Refuse a --resume that could not continue the run, before anything loads: a folder that is not a checkpoint
+    (trainer_state.pt written by torch.save, args.json an object), flags in `same` that differ from the checkpoint's
+    (they fix the data order and the batches), and LoRA settings other than the checkpoint's: its weights and AdamW
+    state are those of a LoRA adapter of one rank, alpha and set of target modules (adapter_config.json), or of the
+    full model (no adapter: --lora-rank 0), and the saved ones would otherwise win silently. A LoRA checkpoint's base
+    model must still load (a folder that exists, or a hub id as check_model_path)."""
+    if not args.resume:
+        return
+    folder = Path(args.resume).expanduser()
+    if not (folder / "trainer_state.pt").is_file():
+        raise InputError(f"--resume {args.resume!r} is not a checkpoint folder (it has no trainer_state.pt)")
+    if not zipfile.is_zipfile(folder / "trainer_state.pt"):  # torch.save writes a zip archive
+        raise InputError(
+            f"--resume {args.resume!r}: its trainer_state.pt is not a file written by torch.save (damaged or "
+            "truncated); resume from another checkpoint"
+        )
+    saved = _checkpoint_json(folder, "args.json", "--resume")
+    for name in same:
+        if saved.get(name) != getattr(args, name):
+            raise InputError(
+                f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved.get(name)}, "
+                f"not {getattr(args, name)}; resume with the same value (or start a new run)"
+            )
+    has_adapter = (folder / "adapter_config.json").exists()
+    adapter = _checkpoint_json(folder, "adapter_config.json", "--resume") if has_adapter else {}
+    rank = adapter.get("r", 0)
+    if args.lora_rank != rank and rank:
+        raise InputError(
+            f"the checkpoint holds a LoRA adapter of rank {rank}: resume it with --lora-rank {rank}, "
+            f"not {args.lora_rank}"
+        )
+    if args.lora_rank != rank:
+        raise InputError(
+            f"--resume {args.resume!r} is a full fine-tuning checkpoint (it holds no LoRA adapter): resume it with "
+            f"--lora-rank 0, not {args.lora_rank}, or train adapters on it in a new run (--student {args.resume})"
+        )
+    if not rank:
+        return
+    targets = adapter.get("target_modules")  # a set: PEFT saves it as a sorted list, and the order does not matter
+    for flag, saved_value, value in (
+        ("--lora-alpha", adapter.get("lora_alpha"), args.lora_alpha),
+        (
+            "--lora-target-modules",
+            sorted(targets) if isinstance(targets, list) else targets,
+            sorted(args.lora_target_modules),
+        ),
+    ):
+        if saved_value != value:
+            shown = [" ".join(map(str, v)) if isinstance(v, list) else v for v in (saved_value, value)]
+            raise InputError(
+                f"--resume: the checkpoint's LoRA adapter was trained with {flag} {shown[0]}, not {shown[1]}; "
+                "resume with the same value (or start a new run)"
+            )
+    base = adapter.get("base_model_name_or_path")
+    where = f"--resume {args.resume!r}: adapter_config.json's base_model_name_or_path {base!r}"
+    if not isinstance(base, str) or not base:
+        raise InputError(f"{where} names no base model; write the base model's folder or hub id there")
+    if not os.path.exists(os.path.expanduser(base)):
+        if not _HUB_ID.fullmatch(base):
+            raise InputError(f"{where} does not exist; put the base model back there, or write where it is now")
+        check_hub_id(
+            base,
+            "model",
+            where,
+            f"download it where the hub can be reached (`hf download {base} --local-dir DIR`) and write DIR there",
+        )
+
+
 def make_writer(run_dir: Path, args, purge_step: int | None = None):
     """TensorBoard's SummaryWriter in the run folder and, with --track, a W&B run that syncs its scalars (CleanRL's
     `sync_tensorboard=True`). One W&B run per run folder: a resume continues it; purge_step hides the events logged
@@ -1350,6 +1522,20 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 _EMBEDDING_NAMES = ("lm_head", "embed_tokens", "embed_out", "wte", "word_embeddings")
 
 
+def _refuse_embedding_targets(targets: tuple[str, ...], embeddings) -> None:
+    """The one refusal of LoRA on the output layer or the embeddings: a target that names one of `embeddings`
+    (module names, or the usual bare names before the model loads), as PEFT matches them (a module matches a target
+    equal to its name or to a dotted suffix of it)."""
+    for target in targets:
+        for module in embeddings:
+            if target == module or module.endswith("." + target) or target.endswith("." + module):
+                raise InputError(
+                    f"--lora-target-modules {target}{'' if module == target else f' (the module {module})'}: the exact "
+                    "KL reads the output layer's weight directly and it may be tied to the embeddings, so LoRA targets "
+                    f"neither; pick projections, e.g. {' '.join(LORA_TARGETS)}"
+                )
+
+
 def check_lora_args(rank: int, alpha: float, targets: tuple[str, ...], student: str) -> None:
     """Reject LoRA settings before anything loads (add_lora checks the targets again on the loaded model)."""
     import importlib.util
@@ -1367,11 +1553,14 @@ def check_lora_args(rank: int, alpha: float, targets: tuple[str, ...], student: 
             f"--lora-rank with the GGUF student {student}: its adapter could not name a base to reload; "
             "save the model as a folder first (save_pretrained)"
         )
-    if rank and (bad := [t for t in targets if t.rsplit(".", 1)[-1] in _EMBEDDING_NAMES]):
+    if rank and (not targets or not all(t.strip() for t in targets)):
+        got = " ".join(map(repr, targets)) or "nothing"
         raise InputError(
-            f"--lora-target-modules {bad[0]}: the exact KL reads the output layer's weight directly and it may be "
-            f"tied to the embeddings, so LoRA targets neither; pick projections, e.g. {' '.join(LORA_TARGETS)}"
+            f"--lora-target-modules must name one module or more, none of them empty, got {got}; "
+            f"e.g. {' '.join(LORA_TARGETS)}"
         )
+    if rank:
+        _refuse_embedding_targets(targets, _EMBEDDING_NAMES)
 
 
 def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
@@ -1388,14 +1577,7 @@ def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
     if not rank:
         return model
     embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
-    hit = [
-        n for n, m in model.named_modules() if m in embeddings and any(n == t or n.endswith("." + t) for t in targets)
-    ]
-    if hit:
-        raise InputError(
-            f"--lora-target-modules matches {hit[0]}, an embedding or output layer: "
-            "the exact KL reads its weight directly, so LoRA targets only other layers"
-        )
+    _refuse_embedding_targets(targets, [name for name, module in model.named_modules() if module in embeddings])
     if not loaded:
         from peft import LoraConfig
 

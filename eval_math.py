@@ -173,7 +173,9 @@ equally good."""
 OUTCOMES = ("win", "loss", "tie")  # of A vs B; "unparseable" pairs are counted apart
 BOOTSTRAP_RESAMPLES = 1000
 _VERDICT = re.compile(r"\bverdict[ \t]*:\s*(?:solution[ \t]*)?[\[(\"']?([^\s.,;:!?)\]\"']*)", re.IGNORECASE)
-_CUT_VERDICT = re.compile(r"\bverd(?:i(?:ct?)?)?\s*$", re.IGNORECASE)  # "... Verdi" at the very end: cut off
+# Cut off at the very end: inside the word ("... Verdi"), or a line that starts a verdict ("Final Verdict"); the whole
+# word ending a sentence ("Verdict: 1. That is my verdict") is no cut, and the complete verdict before it counts
+_CUT_VERDICT = re.compile(r"(?:\bverd(?:ic?)?|^[ \t]*(?:final[ \t]+)?verdict)\s*\Z", re.IGNORECASE | re.MULTILINE)
 
 
 def render_judge_prompt(tokenizer, problem: str, solution_1: str, solution_2: str) -> str:
@@ -193,7 +195,7 @@ def render_judge_prompt(tokenizer, problem: str, solution_1: str, solution_2: st
 def parse_verdict(text: str) -> str | None:
     """'1', '2' or 'tie' from the LAST 'Verdict: X' in a judge output (case and markdown emphasis ignored;
     'Verdict: Solution 2' reads as 2); None when there is none, it says anything else ('Verdict: 3'), or the
-    output ends inside a verdict ('Verdict:', 'Verdict: ti', '... Verdi')."""
+    output ends inside a verdict ('Verdict:', 'Verdict: ti', '... Verdi', a last line 'Final Verdict')."""
     plain = re.sub(r"[*_`#]", "", text)
     if _CUT_VERDICT.search(plain):
         return None

@@ -52,7 +52,7 @@ def test_malformed_dataset_files_name_the_line(tmp_path, content, message):
         common.load_problems(str(path))
 
 
-def test_unknown_dataset_and_model_paths_fail_early(tmp_path):
+def test_unknown_dataset_and_model_paths_fail_early(tmp_path, monkeypatch):
     with pytest.raises(common.InputError, match="neither a known name"):
         common.load_problems(str(tmp_path / "missing.jsonl"))
     with pytest.raises(common.InputError, match="must end in .jsonl or .json"):
@@ -62,6 +62,7 @@ def test_unknown_dataset_and_model_paths_fail_early(tmp_path):
         common.check_model_path(str(tmp_path / "nope"), "--model")
     with pytest.raises(common.InputError, match="does not exist"):
         common.check_model_path("nope.gguf", "--model")
+    monkeypatch.setattr(common, "_hub_unreachable", lambda endpoint: None)  # the hub answers (tests/test_hub_errors.py)
     common.check_model_path("Qwen/Qwen2.5-Math-1.5B-Instruct", "--model")  # a hub id passes (checked at load)
     common.check_model_path(str(tmp_path), "--model")
 

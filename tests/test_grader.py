@@ -399,13 +399,77 @@ def _check(response, gold):
         assert verdict is False
 
 
-def test_fuzz_random_strings():
+def _timed(grader, response, gold):
+    """(verdict, seconds) of one grader call; the bound asserted on the seconds is the watchdog's per-comparison limit
+    with slack for a loaded machine (the calls here take milliseconds; a comparison left to run takes minutes)."""
+    start = time.perf_counter()
+    verdict = grader(response, gold)
+    return verdict, time.perf_counter() - start
+
+
+TIME_LIMIT = common._WALL_SECONDS + 1.5
+
+
+def test_fuzz_random_strings_are_judged_by_their_extracted_answer_alone():
+    """Random text: no exception, a bool within the time limit, nothing paid without a final answer, the lenient
+    grader equal to the strict one wherever there is one, and the extracted answer judged alone: boxed on its own
+    (where boxing keeps it as it is), it gets the same verdict as the text it came from."""
+    common._math_verify()  # imports and warm-up, once, outside the timed calls
     rng = random.Random(1234)
+    reboxed = 0
     for _ in range(1000):
         response = "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 40)))
         gold = "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 8)))
-        _check(response, gold)
-        _check(gold, response)
+        for r, g in ((response, gold), (gold, response)):
+            _check(r, g)
+            (verdict, seconds), (lenient, lenient_seconds) = _timed(is_correct, r, g), _timed(is_correct_lenient, r, g)
+            assert max(seconds, lenient_seconds) < TIME_LIMIT, (r, g, seconds, lenient_seconds)
+            extracted = extract_answer(r)
+            if extracted is None:
+                continue
+            assert lenient is verdict, (r, g)  # a final-answer marker decides for both
+            boxed = "\\boxed{" + extracted + "}"
+            if extract_answer(boxed) == extracted:
+                reboxed += 1
+                assert is_correct(boxed, g) is verdict, (r, extracted, g)
+    assert reboxed > 300  # the invariant was exercised, not skipped
+
+
+def _gold(rng) -> str:
+    """A well-formed answer of the kinds in GSM8K and MATH-500: integers, decimals, fractions, roots, polynomials,
+    intervals, multiples of pi, percentages."""
+    n, m = rng.randint(-(10**6), 10**6), rng.randint(1, 99)
+    return rng.choice(
+        [
+            str(n),
+            f"{n}.{m:02d}",
+            f"\\frac{{{n}}}{{{m}}}",
+            f"{m}\\sqrt{{{abs(n) % 50 + 2}}}",
+            f"x^{{{m}}}+{abs(n)}",
+            f"({n}, {n + m}]",
+            f"{m}\\pi",
+            f"{n}\\%",
+        ]
+    )
+
+
+def test_fuzz_the_gold_answer_is_correct_whatever_surrounds_it():
+    """The gold answer boxed as the last final answer is correct after any text (unclosed braces and boxes, other
+    markers, other answers) and before any text without a marker; another integer in its place is not."""
+    common._math_verify()
+    rng = random.Random(7)
+    quiet = [p for p in PIECES if not common._MARKER.search(p)]  # text after the final answer: no marker in it
+    for _ in range(500):
+        gold = _gold(rng)
+        before = "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 40)))
+        after = "".join(rng.choice(quiet) for _ in range(rng.randint(0, 10)))
+        response = f"{before}\n\nThe final answer is $\\boxed{{{gold}}}$.{after}"
+        verdict, seconds = _timed(is_correct, response, gold)
+        assert verdict is True and extract_answer(response) == gold and seconds < TIME_LIMIT, (response, gold)
+        n = rng.randint(-(10**6), 10**6)
+        wrong = response.replace(f"\\boxed{{{gold}}}", f"\\boxed{{{n + rng.choice([-1, 1, 10, -1000])}}}")
+        verdict, seconds = _timed(is_correct, wrong, str(n))
+        assert verdict is False and seconds < TIME_LIMIT, (wrong, n)
 
 
 def test_fuzz_integers_in_every_format():
