@@ -79,6 +79,26 @@ def test_parse_verdict(text, expected):
 
 
 @pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Verdict: 1\nSolution 1 is right, and that is my verdict", "1"),
+        ("Verdict: 2. I stand by this verdict.", "2"),
+        ("**Verdict: tie**\n\nBoth are equally good; a fair verdict\n", "tie"),
+        ("Verdict: 1 verdict", "1"),
+        ("Verdict: 2\nverdicts", "2"),
+        ("Verdict: 1\n**Final Verdict**", None),  # a verdict line begun, then cut off: the last verdict is unknown
+        ("Verdict: 1\n### Verdict\n", None),
+        ("Verdict: 2\nVerdict", None),
+        ("Verdict: 2\nVerdic", None),  # cut inside the word
+    ],
+)
+def test_a_complete_verdict_counts_when_the_text_ends_with_the_word_verdict(text, expected):
+    """The word 'verdict' ending a sentence is no cut-off: the complete verdict before it counts. A line that
+    starts a verdict, or a word cut short, at the very end still is (a judge cut off mid-verdict)."""
+    assert parse_verdict(text) == expected
+
+
+@pytest.mark.parametrize(
     "verdict_ab, verdict_ba, outcome",
     [
         ("1", "2", "win"),  # A as Solution 1 preferred, and A as Solution 2 preferred: both orders prefer A
