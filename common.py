@@ -61,33 +61,114 @@ def check_finite(args) -> None:
             raise InputError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
 
 
+def check_seed(seed: int) -> None:
+    """--seed seeds numpy's global generator (seed_everything), which takes 0 to 2**32 - 1."""
+    if not 0 <= seed < 2**32:
+        raise InputError(f"--seed must be between 0 and 2**32 - 1 (numpy's range), got {seed}")
+
+
+def check_device(device: str) -> None:
+    """--device is 'auto' or a torch device that is there: 'cuda' and 'cuda:N' only where torch sees that GPU."""
+    if device == "auto":
+        return
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if resolved.type == "cuda" and (resolved.index or 0) >= (count := torch.cuda.device_count()):
+        raise InputError(f"--device {device}: torch sees {count} GPU(s) here, cuda:0 to cuda:{count - 1}")
+
+
+def check_output_dir(path: str) -> None:
+    """--output-dir is a folder, or can be made: no file stands in its place or on its path (found before the models
+    load, not when the first result is written)."""
+    folder = Path(path).expanduser()
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise InputError(f"--output-dir {path!r}: {existing} is a file, not a folder")
+            return
+
+
+def _checkpoint_json(folder: Path, name: str, flag: str) -> dict:
+    """The JSON object in a checkpoint's file `name`; InputError if it is missing or holds anything else."""
+    try:
+        value = json.loads((folder / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{flag} {str(folder)!r} has no {name}, which a checkpoint of these scripts holds") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise InputError(f"{flag} {str(folder)!r}: its {name} is not valid JSON ({why})") from None
+    if not isinstance(value, dict):
+        raise InputError(
+            f"{flag} {str(folder)!r}: its {name} holds {_JSON_TYPES.get(type(value), 'a number')}, not an object"
+        )
+    return value
+
+
 def check_resume(args, same: tuple[str, ...]) -> None:
-    """--resume names a checkpoint folder whose saved args agree with `args` on the fields in `same` (those that fix
-    the data order) and on the LoRA settings (the saved adapter's shape would otherwise win silently)."""
-    folder = Path(args.resume)
+    """Refuse a --resume that could not continue the run, before anything loads: a folder that is not a checkpoint
+    (trainer_state.pt written by torch.save, args.json an object), flags in `same` that differ from the checkpoint's
+    (they fix the data order and the batches), and LoRA settings other than the checkpoint's: its weights and AdamW
+    state are those of a LoRA adapter of one rank, alpha and set of target modules (adapter_config.json), or of the
+    full model (no adapter: --lora-rank 0), and the saved ones would otherwise win silently. The folder must hold a
+    model that loads (check_model_path: a LoRA checkpoint's base must still be there)."""
+    if not args.resume:
+        return
+    folder = Path(args.resume).expanduser()
     if not (folder / "trainer_state.pt").is_file():
         raise InputError(f"--resume {args.resume!r} is not a checkpoint folder (it has no trainer_state.pt)")
-    try:
-        saved = json.loads((folder / "args.json").read_text())
-        if not isinstance(saved, dict):
-            raise ValueError
-    except (OSError, ValueError):
-        raise InputError(f"--resume {args.resume!r}: its args.json is missing or not a JSON object of flags") from None
-    lora = ("lora_rank", "lora_alpha", "lora_target_modules") if hasattr(args, "lora_rank") else ()
-    for name in (*same, *lora):
-        value, before = getattr(args, name), saved.get(name)
-        if isinstance(value, tuple) and isinstance(before, list):
-            before = tuple(before)
-        if name.startswith("lora_") and name != "lora_rank" and not args.lora_rank and not saved.get("lora_rank"):
-            continue  # no LoRA on either side: alpha and targets mean nothing
-        if before != value:
-            flag, shown = (
-                f"--{name.replace('_', '-')}",
-                [" ".join(v) if isinstance(v, tuple) else v for v in (before, value)],
-            )
+    if not zipfile.is_zipfile(folder / "trainer_state.pt"):  # torch.save writes a zip archive
+        raise InputError(
+            f"--resume {args.resume!r}: its trainer_state.pt is not a file written by torch.save (damaged or "
+            "truncated); resume from another checkpoint"
+        )
+    saved = _checkpoint_json(folder, "args.json", "--resume")
+    for name in same:
+        if saved.get(name) != getattr(args, name):
             raise InputError(
-                f"--resume: the checkpoint was trained with {flag} {shown[0]}, not {shown[1]}; resume with the same "
-                "value (or start a new run)"
+                f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved.get(name)}, "
+                f"not {getattr(args, name)}; resume with the same value (or start a new run)"
+            )
+    check_model_path(args.resume, "--resume")  # a saved model, and a LoRA checkpoint's base still there
+    has_adapter = (folder / "adapter_config.json").exists()
+    adapter = _checkpoint_json(folder, "adapter_config.json", "--resume") if has_adapter else {}
+    rank = adapter.get("r", 0)
+    if not hasattr(args, "lora_rank"):  # a script that trains the full model only (kd_warmup.py)
+        if rank:
+            raise InputError(
+                f"--resume {args.resume!r} holds a LoRA adapter, and this script trains the full model only; resume "
+                "it with the script that wrote it"
+            )
+        return
+    if args.lora_rank != rank and rank:
+        raise InputError(
+            f"the checkpoint holds a LoRA adapter of rank {rank}: resume it with --lora-rank {rank}, "
+            f"not {args.lora_rank}"
+        )
+    if args.lora_rank != rank:
+        raise InputError(
+            f"--resume {args.resume!r} is a full fine-tuning checkpoint (it holds no LoRA adapter): resume it with "
+            f"--lora-rank 0, not {args.lora_rank}, or train adapters on it in a new run (--student {args.resume})"
+        )
+    if not rank:
+        return
+    targets = adapter.get("target_modules")  # a set: PEFT saves it as a sorted list, and the order does not matter
+    for flag, saved_value, value in (
+        ("--lora-alpha", adapter.get("lora_alpha"), args.lora_alpha),
+        (
+            "--lora-target-modules",
+            sorted(targets) if isinstance(targets, list) else targets,
+            sorted(args.lora_target_modules),
+        ),
+    ):
+        if saved_value != value:
+            shown = [" ".join(map(str, v)) if isinstance(v, list) else v for v in (saved_value, value)]
+            raise InputError(
+                f"--resume: the checkpoint's LoRA adapter was trained with {flag} {shown[0]}, not {shown[1]}; "
+                "resume with the same value (or start a new run)"
             )
 
 
@@ -121,9 +202,28 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
 def check_model_path(path: str, what: str) -> None:
-    """Fail before any loading on a path that is neither an existing file/folder nor a hub id, and on a hub id that
-    is not cached while the hub cannot be reached (check_hub_id)."""
-    if os.path.exists(os.path.expanduser(path)):
+    """Fail before any loading on a path that is not a model: a file other than a GGUF one, a folder without
+    config.json (or a LoRA checkpoint's adapter_config.json, whose base must then exist), a missing path that is no hub
+    id, or a hub id that is not cached while the hub cannot be reached (check_hub_id)."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        if not any(os.path.isfile(os.path.join(expanded, name)) for name in ("config.json", "adapter_config.json")):
+            raise InputError(
+                f"{what} {path!r} is a folder without config.json (nor a LoRA adapter's adapter_config.json), not a "
+                "saved model; pass a folder written by save_pretrained or `hf download`, a .gguf file or a hub id"
+            )
+        if os.path.isfile(os.path.join(expanded, "adapter_config.json")):
+            _check_adapter_base(Path(expanded), f"{what} {path!r}")
+        return
+    if os.path.isfile(expanded):
+        if not path.endswith(".gguf"):
+            raise InputError(
+                f"{what} {path!r} is a file but not a .gguf file; pass a model folder (save_pretrained's, with "
+                "config.json), a .gguf file, a hub id like Qwen/Qwen2.5-Math-1.5B-Instruct, or 'toy'"
+            )
+        with open(expanded, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise InputError(f"{what} {path!r} is not a GGUF file (it does not start with the bytes GGUF)")
         return
     if not _HUB_ID.fullmatch(path) or path.endswith(".gguf"):
         raise InputError(
@@ -137,6 +237,24 @@ def check_model_path(path: str, what: str) -> None:
         f"pass a local copy instead: a model folder made where the hub can be reached (`hf download {path} "
         "--local-dir DIR`)",
     )
+
+
+def _check_adapter_base(folder: Path, what: str) -> None:
+    """A LoRA checkpoint loads its base from adapter_config.json's base_model_name_or_path: a folder that must still
+    exist, or a hub id (check_hub_id)."""
+    base = _checkpoint_json(folder, "adapter_config.json", what).get("base_model_name_or_path")
+    where = f"{what}: adapter_config.json's base_model_name_or_path {base!r}"
+    if not isinstance(base, str) or not base:
+        raise InputError(f"{where} names no base model; write the base model's folder or hub id there")
+    if not os.path.exists(os.path.expanduser(base)):
+        if not _HUB_ID.fullmatch(base):
+            raise InputError(f"{where} does not exist; put the base model back there, or write where it is now")
+        check_hub_id(
+            base,
+            "model",
+            where,
+            f"download it where the hub can be reached (`hf download {base} --local-dir DIR`) and write DIR there",
+        )
 
 
 # Without the network huggingface_hub retries each file 5 times with backoff (~30 s per file, ~50 s before a missing
@@ -265,17 +383,32 @@ HUB_DATASETS = {  # name -> (hub id, config, splits)
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+_FIELDS = "question/answer (GSM8K), problem/answer (MATH) or Body/Question/Answer (SVAMP)"
+
+
 def _problem_from_row(row: dict) -> dict:
-    """One problem {question, answer} from a GSM8K, MATH or SVAMP row (KeyError if none fits)."""
-    if "question" in row and "answer" in row:  # GSM8K: the gold is what follows the last ####
+    """One problem {question, answer} from a GSM8K, MATH or SVAMP row (ValueError saying why none fits)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"it is {_JSON_TYPES.get(type(row), 'a number')}, not an object with fields {_FIELDS}")
+    layouts = (("question", "answer"), ("problem", "answer"), ("Body", "Question", "Answer"))  # GSM8K, MATH, SVAMP
+    keys = next((layout for layout in layouts if all(key in row for key in layout)), None)
+    if keys is None:
+        raise ValueError(f"expected fields {_FIELDS}")
+    for key in keys:  # text is a string; an answer may also be a number
+        if not isinstance(row[key], str) and (key.lower() != "answer" or type(row[key]) not in (int, float)):
+            allowed = "a string or a number" if key.lower() == "answer" else "a string"
+            raise ValueError(f"its {key} is {_JSON_TYPES.get(type(row[key]), 'a number')}, not {allowed}")
+    if keys[0] == "question":  # GSM8K: the gold is what follows the last ####
         return {"question": row["question"], "answer": str(row["answer"]).split("####")[-1].strip().replace(",", "")}
-    if "problem" in row and "answer" in row:  # MATH / MATH-500
+    if keys[0] == "problem":  # MATH / MATH-500
         return {"question": row["problem"], "answer": str(row["answer"])}
-    if "Body" in row and "Question" in row and "Answer" in row:  # SVAMP
+    try:  # SVAMP: a number, 5.0 written 5
         answer = float(row["Answer"])
-        answer = str(int(answer)) if answer.is_integer() else str(answer)
-        return {"question": f"{row['Body'].strip()} {row['Question'].strip()}", "answer": answer}
-    raise KeyError("expected fields question/answer (GSM8K), problem/answer (MATH) or Body/Question/Answer (SVAMP)")
+    except ValueError:
+        raise ValueError(f"its Answer {row['Answer']!r} is not a number") from None
+    answer = str(int(answer)) if answer.is_integer() else str(answer)
+    return {"question": f"{row['Body'].strip()} {row['Question'].strip()}", "answer": answer}
 
 
 def _read_problem_file(name: str) -> list[dict]:
@@ -288,7 +421,10 @@ def _read_problem_file(name: str) -> list[dict]:
         )
     if path.suffix not in (".jsonl", ".json"):
         raise InputError(f"dataset file {path} must end in .jsonl or .json, not {path.suffix!r}")
-    text, rows = path.read_text(encoding="utf-8"), []
+    try:
+        text, rows = path.read_text(encoding="utf-8"), []
+    except UnicodeDecodeError as e:
+        raise InputError(f"dataset file {path} is not UTF-8 text (byte {e.start})") from None
     try:
         if path.suffix == ".jsonl":
             for lineno, line in enumerate(text.splitlines(), 1):
@@ -296,11 +432,13 @@ def _read_problem_file(name: str) -> list[dict]:
                 rows += [(where, json.loads(line))] if line.strip() else []
         else:
             where, data = "the file", json.loads(text)
-            rows = [(f"item {i}", row) for i, row in enumerate(data if isinstance(data, list) else [data])]
-        problems = [_problem_from_row(row) for where, row in rows]
+            rows = [(f"item {i}", row) for i, row in enumerate(data)] if isinstance(data, list) else [(where, data)]
+        problems = []
+        for where, row in rows:  # a loop, not a comprehension: `where` names the bad row below
+            problems.append(_problem_from_row(row))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: {where} is not valid JSON ({e.msg})") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except ValueError as e:
         raise InputError(f"{path}: {where} is not a problem: {e}") from None
     if not problems:
         raise InputError(f"dataset file {path} holds no problems")
@@ -1185,89 +1323,6 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(Path(path) / "trainer_state.pt", weights_only=True, map_location="cpu")
 
 
-def _checkpoint_json(folder: Path, name: str, flag: str) -> dict:
-    """The JSON object in a checkpoint's file `name`; InputError if it is missing or holds anything else."""
-    try:
-        value = json.loads((folder / name).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{flag} {str(folder)!r} has no {name}, which a checkpoint of these scripts holds") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-        raise InputError(f"{flag} {str(folder)!r}: its {name} is not valid JSON ({why})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{flag} {str(folder)!r}: its {name} holds a {type(value).__name__}, not a JSON object")
-    return value
-
-
-def check_resume(args, same: tuple[str, ...]) -> None:
-    """Refuse a --resume that could not continue the run, before anything loads: a folder that is not a checkpoint
-    (trainer_state.pt written by torch.save, args.json an object), flags in `same` that differ from the checkpoint's
-    (they fix the data order and the batches), and LoRA settings other than the checkpoint's: its weights and AdamW
-    state are those of a LoRA adapter of one rank, alpha and set of target modules (adapter_config.json), or of the
-    full model (no adapter: --lora-rank 0), and the saved ones would otherwise win silently. A LoRA checkpoint's base
-    model must still load (a folder that exists, or a hub id as check_model_path)."""
-    if not args.resume:
-        return
-    folder = Path(args.resume).expanduser()
-    if not (folder / "trainer_state.pt").is_file():
-        raise InputError(f"--resume {args.resume!r} is not a checkpoint folder (it has no trainer_state.pt)")
-    if not zipfile.is_zipfile(folder / "trainer_state.pt"):  # torch.save writes a zip archive
-        raise InputError(
-            f"--resume {args.resume!r}: its trainer_state.pt is not a file written by torch.save (damaged or "
-            "truncated); resume from another checkpoint"
-        )
-    saved = _checkpoint_json(folder, "args.json", "--resume")
-    for name in same:
-        if saved.get(name) != getattr(args, name):
-            raise InputError(
-                f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved.get(name)}, "
-                f"not {getattr(args, name)}; resume with the same value (or start a new run)"
-            )
-    has_adapter = (folder / "adapter_config.json").exists()
-    adapter = _checkpoint_json(folder, "adapter_config.json", "--resume") if has_adapter else {}
-    rank = adapter.get("r", 0)
-    if args.lora_rank != rank and rank:
-        raise InputError(
-            f"the checkpoint holds a LoRA adapter of rank {rank}: resume it with --lora-rank {rank}, "
-            f"not {args.lora_rank}"
-        )
-    if args.lora_rank != rank:
-        raise InputError(
-            f"--resume {args.resume!r} is a full fine-tuning checkpoint (it holds no LoRA adapter): resume it with "
-            f"--lora-rank 0, not {args.lora_rank}, or train adapters on it in a new run (--student {args.resume})"
-        )
-    if not rank:
-        return
-    targets = adapter.get("target_modules")  # a set: PEFT saves it as a sorted list, and the order does not matter
-    for flag, saved_value, value in (
-        ("--lora-alpha", adapter.get("lora_alpha"), args.lora_alpha),
-        (
-            "--lora-target-modules",
-            sorted(targets) if isinstance(targets, list) else targets,
-            sorted(args.lora_target_modules),
-        ),
-    ):
-        if saved_value != value:
-            shown = [" ".join(map(str, v)) if isinstance(v, list) else v for v in (saved_value, value)]
-            raise InputError(
-                f"--resume: the checkpoint's LoRA adapter was trained with {flag} {shown[0]}, not {shown[1]}; "
-                "resume with the same value (or start a new run)"
-            )
-    base = adapter.get("base_model_name_or_path")
-    where = f"--resume {args.resume!r}: adapter_config.json's base_model_name_or_path {base!r}"
-    if not isinstance(base, str) or not base:
-        raise InputError(f"{where} names no base model; write the base model's folder or hub id there")
-    if not os.path.exists(os.path.expanduser(base)):
-        if not _HUB_ID.fullmatch(base):
-            raise InputError(f"{where} does not exist; put the base model back there, or write where it is now")
-        check_hub_id(
-            base,
-            "model",
-            where,
-            f"download it where the hub can be reached (`hf download {base} --local-dir DIR`) and write DIR there",
-        )
-
-
 def make_writer(run_dir: Path, args, purge_step: int | None = None):
     """TensorBoard's SummaryWriter in the run folder and, with --track, a W&B run that syncs its scalars (CleanRL's
     `sync_tensorboard=True`). One W&B run per run folder: a resume continues it; purge_step hides the events logged
@@ -1577,7 +1632,15 @@ def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
     if not rank:
         return model
     embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
+    names = [name for name, _ in model.named_modules()]
     _refuse_embedding_targets(targets, [name for name, module in model.named_modules() if module in embeddings])
+    if not loaded and (missing := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]):
+        linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+        linear = sorted(linear - {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m in embeddings})
+        raise InputError(
+            f"--lora-target-modules {missing[0]} matches no module of {model.name_or_path}; its linear layers other "
+            f"than the output layer are {' '.join(linear)}"
+        )
     if not loaded:
         from peft import LoraConfig
 

@@ -111,6 +111,9 @@ def check_args(args: Args) -> None:
         )
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise common.InputError(f"--dtype must be auto, float32, bfloat16 or float16, got {args.dtype!r}.")
+    common.check_seed(args.seed)
+    common.check_device(args.device)
+    common.check_output_dir(args.output_dir or "runs/eval")
     if args.compare is not None:
         if args.judge is None:
             raise common.InputError(
@@ -244,7 +247,13 @@ def bootstrap_rates(outcomes: list[str], resamples: int = BOOTSTRAP_RESAMPLES, s
 def read_results(path: str) -> list[dict]:
     """The records of an eval_math.py results.jsonl; common.InputError naming the line of the first bad one."""
     records = []
-    for lineno, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise common.InputError(
+            f"{path} is not UTF-8 text (byte {e.start}), not an eval_math.py results.jsonl."
+        ) from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -64,7 +64,91 @@ def test_unknown_dataset_and_model_paths_fail_early(tmp_path, monkeypatch):
         common.check_model_path("nope.gguf", "--model")
     monkeypatch.setattr(common, "_hub_unreachable", lambda endpoint: None)  # the hub answers (tests/test_hub_errors.py)
     common.check_model_path("Qwen/Qwen2.5-Math-1.5B-Instruct", "--model")  # a hub id passes (checked at load)
+    (tmp_path / "config.json").write_text("{}")
     common.check_model_path(str(tmp_path), "--model")
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("number.json", "7", "number.json: the file is not a problem: it is a number, not an object with fields"),
+        ("null.json", "null", "null.json: the file is not a problem: it is null, not an object"),
+        (
+            "items.json",
+            '[{"question": "a", "answer": "1"}, [1, 2]]',
+            "items.json: item 1 is not a problem: it is an array",
+        ),
+        (
+            "rows.jsonl",
+            '{"question": "a", "answer": "1"}\n"text"\n',
+            "rows.jsonl: line 2 is not a problem: it is a string",
+        ),
+        (
+            "nulls.jsonl",
+            '{"question": null, "answer": "1"}\n',
+            "line 1 is not a problem: its question is null, not a string",
+        ),
+        ("lists.jsonl", '{"problem": "p", "answer": [1]}\n', "its answer is an array, not a string or a number"),
+        ("svamp.jsonl", '{"Body": "b", "Question": "q", "Answer": "many"}\n', "its Answer 'many' is not a number"),
+        ("body.jsonl", '{"Body": 5, "Question": "q", "Answer": 1}\n', "its Body is a number, not a string"),
+        ("fields.jsonl", '{"prompt": "p"}\n', "line 1 is not a problem: expected fields question/answer (GSM8K)"),
+        ("latin.jsonl", b'{"question": "caf\xe9", "answer": "1"}\n', "latin.jsonl is not UTF-8 text (byte 17)"),
+    ],
+)
+def test_dataset_rows_that_are_no_problem_are_one_sentence(tmp_path, name, content, message):
+    """Each bad row is named with what it is and what was expected, never with a Python error's text."""
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(common.InputError) as info:
+        common.check_dataset(str(path), "train")
+    sentence = common.one_sentence(info.value)
+    assert message in sentence and "\n" not in sentence and "'expected" not in sentence
+    assert not re.search(r"object has no attribute|not iterable|could not convert|codec", sentence)
+
+
+def test_model_paths_that_are_not_models_fail_early(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "garbage.gguf").write_bytes(b"\x00" * 64)
+    (tmp_path / "real.gguf").write_bytes(b"GGUF" + b"\x00" * 60)
+    (tmp_path / "empty").mkdir()
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": str(tmp_path / "gone")}))
+    for path, message in (
+        ("notes.txt", "is a file but not a .gguf file"),
+        ("garbage.gguf", "is not a GGUF file (it does not start with the bytes GGUF)"),
+        ("empty", "is a folder without config.json (nor a LoRA adapter's adapter_config.json), not a saved model"),
+        ("lora", f"adapter_config.json's base_model_name_or_path {str(tmp_path / 'gone')!r} does not exist"),
+    ):
+        with pytest.raises(common.InputError, match=re.escape(f"--model {str(tmp_path / path)!r}")) as info:
+            common.check_model_path(str(tmp_path / path), "--model")
+        assert message in str(info.value)
+    common.check_model_path(str(tmp_path / "real.gguf"), "--model")  # the magic bytes are all that is checked here
+    (tmp_path / "gone").mkdir()
+    common.check_model_path(str(lora), "--model")  # the adapter's base is back
+
+
+def test_seed_device_and_output_dir_are_checked(tmp_path):
+    for bad, message in ((-1, "got -1"), (2**32, "got 4294967296")):
+        with pytest.raises(
+            common.InputError, match=re.escape(f"--seed must be between 0 and 2**32 - 1 (numpy's range), {message}")
+        ):
+            common.check_seed(bad)
+    common.check_seed(0), common.check_seed(2**32 - 1)
+    with pytest.raises(common.InputError, match="--device 'tpu0' is not a device"):
+        common.check_device("tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(common.InputError, match="--device cuda: torch sees no CUDA GPU here"):
+            common.check_device("cuda")
+    else:
+        with pytest.raises(common.InputError, match=f"--device cuda:{torch.cuda.device_count()}: torch sees"):
+            common.check_device(f"cuda:{torch.cuda.device_count()}")
+    common.check_device("auto"), common.check_device("cpu")
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "file", tmp_path / "file" / "runs"):
+        with pytest.raises(common.InputError, match=re.escape(f"{tmp_path / 'file'} is a file, not a folder")):
+            common.check_output_dir(str(path))
+    common.check_output_dir(str(tmp_path / "new" / "runs"))  # made when the run starts
 
 
 @pytest.mark.skipif(

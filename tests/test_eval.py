@@ -119,7 +119,7 @@ def test_bad_input_is_one_sentence_before_loading(flags, message):
     "bad_line, message",
     [
         ('{"question": "q7", "answer": ', "line 7 is not valid JSON"),
-        ('{"prompt": "q7", "answer": "7"}', "line 7 is not a problem: 'expected fields question/answer"),
+        ('{"prompt": "q7", "answer": "7"}', "line 7 is not a problem: expected fields question/answer"),
     ],
 )
 def test_bad_dataset_file_is_named_by_check_args(tmp_path, script, bad_line, message):

@@ -74,6 +74,19 @@ def test_output_layer_and_embeddings_are_refused(tiny_toy, targets):
         common.add_lora(model, 4, 8.0, targets)
 
 
+def test_empty_or_unknown_target_modules_are_one_sentence(tiny_toy):
+    for targets, shown in (((), "nothing"), (("q_proj", ""), "'q_proj' ''")):
+        with pytest.raises(common.InputError, match=f"must name one module or more, none of them empty, got {shown}"):
+            common.check_lora_args(4, 8.0, targets, "toy")
+    common.check_lora_args(0, 8.0, (), "toy")  # full fine-tuning: no targets needed
+    model = common.load_model(str(tiny_toy / "student"), CPU, torch.float32)
+    with pytest.raises(
+        common.InputError, match="--lora-target-modules qproj matches no module of .*; its linear layers"
+    ):
+        common.add_lora(model, 4, 8.0, ("q_proj", "qproj"))
+    assert not any(".lora_" in n for n, _ in model.named_parameters())  # refused before any adapter went in
+
+
 @pytest.mark.slow
 def test_bad_lora_flags_are_one_sentence(tiny_toy, tmp_path):
     for flags, message in (

@@ -200,8 +200,9 @@ def test_bad_compare_flags_are_one_sentence(tmp_path, monkeypatch, flags, messag
 def test_mismatched_files_are_refused_before_the_judge_loads(tmp_path):
     a = write_results(tmp_path / "A" / "results.jsonl", QUESTIONS[:4], ["x"] * 4, GOLDS[:4])
     b = write_results(tmp_path / "B" / "results.jsonl", QUESTIONS[1:5], ["x"] * 4, GOLDS[1:5])
-    judge = tmp_path / "not_a_model"  # an existing folder without a model: loading it would fail differently
+    judge = tmp_path / "not_a_model"  # a folder that passes check_args but holds no model: loading it would fail
     judge.mkdir()
+    (judge / "config.json").write_text("{}")
     proc = run_script("eval_math.py", "--compare", str(a), str(b), "--judge", str(judge), cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert (
