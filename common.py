@@ -260,8 +260,6 @@ def _check_adapter_base(folder: Path, what: str) -> None:
 # Without the network huggingface_hub retries each file 5 times with backoff (~30 s per file, ~50 s before a missing
 # model fails, minutes before a cached one loads): one short request to its endpoint answers first.
 _HUB_PROBE_TIMEOUT = dict(connect=5.0, read=10.0, write=10.0, pool=5.0)  # seconds; read: HF_HUB_ETAG_TIMEOUT's default
-
-
 _HUB_WENT_OFFLINE = False  # set by check_hub_id when it switches the process to the cache
 
 
