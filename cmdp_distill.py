@@ -346,6 +346,9 @@ def main(args: Args) -> Path | None:
 def check_args(args: Args) -> None:
     """Reject bad values with one sentence each (common.InputError), before anything loads."""
     common.check_finite(args)
+    common.check_seed(args.seed)
+    common.check_device(args.device)
+    common.check_output_dir(args.output_dir)
     world_size, Error = int(os.environ.get("WORLD_SIZE", "1")), common.InputError
     if args.budget <= 0:
         raise Error(f"--budget must be > 0 (nats per token, or per response with --constraint sum), got {args.budget}")

@@ -186,6 +186,9 @@ def main(args: Args) -> Path | None:
 def check_args(args: Args) -> None:
     """Reject bad values with one sentence each (common.InputError), before anything loads."""
     common.check_finite(args)
+    common.check_seed(args.seed)
+    common.check_device(args.device)
+    common.check_output_dir(args.output_dir)
     world_size, Error = int(os.environ.get("WORLD_SIZE", "1")), common.InputError
     for name in ("num_steps", "prompts_per_step", "group_size", "micro_batch_size", "max_new_tokens"):
         if getattr(args, name) <= 0:
