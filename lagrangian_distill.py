@@ -253,7 +253,7 @@ def main(args: Args) -> Path | None:
         )
         generate_seconds = time.time() - step_start
         rewards = torch.tensor([float(common.is_correct(r, p["answer"])) for r, p in zip(responses, problems)])  # (R,)
-        num_tokens = int(common.all_reduce(sum(mb["response_mask"].sum() for mb in micro_batches)).item())  # the step's
+        num_tokens = int(common.all_reduce(sum(mb["response_mask"].sum() for mb in micro_batches)).item())  # N
 
         # 2. score: the teacher's final hidden states on the sampled tokens, once per step: (N, H) per micro-batch,
         # H/V of its logits' size, kept for the update (the exact KL recomputes the teacher's logits from them)
