@@ -1,8 +1,8 @@
-"""Shared plumbing for cmdp_distill.py, lagrangian_distill.py, kd_warmup.py and eval_math.py: input checks, model,
-tokenizer and data loading, prompts, the one answer grader (training reward and evaluation accuracy), exact per-token
-KL and log-probs from hidden states, a response's cost phi(y), generation, scoring, evaluation, run folders, metrics,
-checkpoints, data parallelism and LoRA. The methods and their training loops live in the scripts. Importing this
-module has no side effects; bad input raises InputError (a ValueError), which the scripts print as one sentence.
+"""Shared plumbing for cmdp_distill.py, lagrangian_distill.py, kd_warmup.py, eval_math.py and toy_math.py: input
+checks, model, tokenizer and data loading, prompts, the one answer grader (training reward and evaluation accuracy),
+exact per-token KL and log-probs from hidden states, a response's cost phi(y), generation, scoring, evaluation, run
+folders, metrics, checkpoints, data parallelism and LoRA. The methods and their training loops live in the scripts.
+Importing this module has no side effects; bad input raises InputError (a ValueError), printed as one sentence.
 
 Shapes: B rows of a batch, T = the padded length minus one (positions that predict a next token), N the response
 tokens of a batch (the True entries of its (B, T) response mask), H a hidden size, V the tokenizer's ids.
@@ -587,9 +587,8 @@ def _math_verify():
     prediction cache, sympy's lazy imports) before any watchdog runs."""
     from math_verify import LatexExtractionConfig, parse, verify
 
-    parse = functools.partial(
-        parse, extraction_config=[LatexExtractionConfig(boxed_match_priority=0)], parsing_timeout=None
-    )
+    extraction = [LatexExtractionConfig(boxed_match_priority=0)]
+    parse = functools.partial(parse, extraction_config=extraction, parsing_timeout=None)
     verify = functools.partial(verify, timeout_seconds=None)
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its warning that there is no timeout: _within is
     warm_up = (  # one answer of each kind whose first reading imports or builds something, ";"-separated
@@ -1093,27 +1092,15 @@ def evaluate(
             problems[i : i + batch_size], chunk, pairs, mean_kls, costs
         ):
             response, gold = tokenizer.decode(response_ids, skip_special_tokens=True), problem["answer"]
-            records.append(
-                dict(
-                    prompt=prompt,
-                    response=response,
-                    extracted=extract_answer(response),
-                    gold=gold,
-                    correct=is_correct(response, gold),
-                    lenient_correct=is_correct_lenient(response, gold),
-                    mean_kl=mean_kl,
-                    cost=cost,
-                    response_tokens=len(response_ids),
-                )
-            )
+            record = dict(prompt=prompt, response=response, extracted=extract_answer(response), gold=gold)
+            record.update(correct=is_correct(response, gold), lenient_correct=is_correct_lenient(response, gold))
+            records.append(record | dict(mean_kl=mean_kl, cost=cost, response_tokens=len(response_ids)))
     if not records:
         return records, dict(n=0)
-    summary = dict(
-        n=len(records),
-        accuracy=float(np.mean([r["correct"] for r in records])),
-        lenient_accuracy=float(np.mean([r["lenient_correct"] for r in records])),  # never a reward
-        mean_response_tokens=float(np.mean([r["response_tokens"] for r in records])),
-    )
+    columns = {key: np.array([r[key] for r in records]) for key in ("correct", "lenient_correct", "response_tokens")}
+    summary = dict(n=len(records), accuracy=float(columns["correct"].mean()))
+    summary["lenient_accuracy"] = float(columns["lenient_correct"].mean())  # never a reward
+    summary["mean_response_tokens"] = float(columns["response_tokens"].mean())
     if teacher is not None:
         kls, costs = np.array([r["mean_kl"] for r in records]), np.array([r["cost"] for r in records])
         quantiles = {f"cost_p{q}": float(np.quantile(costs, q / 100)) for q in (50, 90, 95)}
@@ -1209,10 +1196,9 @@ def make_writer(run_dir: Path, args, purge_step: int | None = None):
     if args.track:
         import wandb
 
-        run = dict(name=run_dir.name, dir=str(run_dir), id=re.sub(r"[^\w-]", "-", run_dir.name), resume="allow")
-        wandb.init(
-            project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), sync_tensorboard=True, **run
-        )
+        run_id = re.sub(r"[^\w-]", "-", run_dir.name)
+        options = dict(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), sync_tensorboard=True)
+        wandb.init(name=run_dir.name, dir=str(run_dir), id=run_id, resume="allow", **options)
     return SummaryWriter(str(run_dir), purge_step=purge_step)
 
 
@@ -1317,9 +1303,10 @@ def sync_gradients(model, bucket_bytes: int = 256 * 2**20) -> None:
     has ~340 tensors) or one flat copy of all (6.2 GB in fp32 for a 1.5B model): 256 MiB bounds the transient copy to
     ~4% of a 1.5B model's fp32 gradients in ~25 collectives, each far past the few tens of MB at which an all-reduce
     reaches its full bandwidth (DDP's 25 MB default lets buckets start during the backward; this runs after it). A
-    gradient alone in its bucket is reduced in place. A .grad that is None on every rank stays None; one that is None
-    on some ranks only is made zeros there first (one small all-reduce of flags), so that all ranks build the same
-    buckets. The sums are the per-parameter all-reduce's, element for element."""
+    bucket of one gradient (one larger than bucket_bytes, say), contiguous and on the collectives' device, is reduced
+    in place. A .grad that is None on every rank stays None; one that is None on some ranks only is made zeros there
+    first (one small all-reduce of flags), so that all ranks build the same buckets. The sums are the per-parameter
+    all-reduce's, element for element."""
     if (device := _collective_device()) is None:
         return
     params = [p for p in model.parameters() if p.requires_grad]
