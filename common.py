@@ -1018,11 +1018,9 @@ def score(student, batch: dict[str, torch.Tensor], teacher_hidden, teacher_weigh
     final_hidden(teacher, batch), computed once per batch by the caller. Differentiable w.r.t. the student under
     grad."""
     mask = batch["response_mask"].bool()
-    student_hidden, student_weight = final_hidden(student, batch), student.get_output_embeddings().weight
+    hidden, weight = final_hidden(student, batch), student.get_output_embeddings().weight
     tokens = batch["input_ids"][:, 1:][mask]
-    outs = kl_from_hidden(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, tokens, chunk_size, vocab_size
-    )
+    outs = kl_from_hidden(hidden, weight, teacher_hidden, teacher_weight, tokens, chunk_size, vocab_size)
     return tuple(torch.zeros(mask.shape, dtype=o.dtype, device=o.device).masked_scatter(mask, o) for o in outs)
 
 
