@@ -1,11 +1,8 @@
-"""Shared plumbing for cmdp_distill.py, lagrangian_distill.py, kd_warmup.py and eval_math.py.
-
-Plumbing only: model/tokenizer loading, data loading and prompt rendering, the one answer grader (training reward
-and evaluation accuracy), exact per-token KL and log-probs from hidden states, a response's cost phi(y)
-(sequence_costs, shared by training and evaluation), batched generation and scoring, evaluation, run folders,
-metrics and checkpoints, data parallelism, LoRA. The methods and their training loops live in the scripts.
-Importing this module has no side effects; bad input raises InputError (a ValueError), which the scripts print as
-one sentence.
+"""Shared plumbing for cmdp_distill.py, lagrangian_distill.py, kd_warmup.py, eval_math.py and toy_math.py: input
+checks, model, tokenizer and data loading, prompts, the one answer grader (training reward and evaluation accuracy),
+exact per-token KL and log-probs from hidden states, a response's cost phi(y), generation, scoring, evaluation, run
+folders, metrics, checkpoints, data parallelism and LoRA. The methods and their training loops live in the scripts.
+Importing this module has no side effects; bad input raises InputError (a ValueError), printed as one sentence.
 
 Shapes: B rows of a batch, T = the padded length minus one (positions that predict a next token), N the response
 tokens of a batch (the True entries of its (B, T) response mask), H a hidden size, V the tokenizer's ids.
@@ -15,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -24,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import weakref
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -92,6 +92,9 @@ def check_output_dir(path: str) -> None:
             return
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+
+
 def _checkpoint_json(folder: Path, name: str, flag: str) -> dict:
     """The JSON object in a checkpoint's file `name`; InputError if it is missing or holds anything else."""
     try:
@@ -102,19 +105,26 @@ def _checkpoint_json(folder: Path, name: str, flag: str) -> dict:
         why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
         raise InputError(f"{flag} {str(folder)!r}: its {name} is not valid JSON ({why})") from None
     if not isinstance(value, dict):
-        raise InputError(
-            f"{flag} {str(folder)!r}: its {name} holds {_JSON_TYPES.get(type(value), 'a number')}, not an object"
-        )
+        kind = _JSON_TYPES.get(type(value), "a number")
+        raise InputError(f"{flag} {str(folder)!r}: its {name} holds {kind}, not an object")
     return value
+
+
+def _refuse_other_lora_rank(saved_rank: int, rank: int) -> None:
+    """The one refusal of a --lora-rank other than that of a checkpoint's adapter (0: the checkpoint holds none): its
+    weights and AdamW state are those of an adapter of that rank."""
+    if saved_rank and rank != saved_rank:
+        raise InputError(
+            f"the checkpoint holds a LoRA adapter of rank {saved_rank}: resume it with --lora-rank {saved_rank}, "
+            f"not {rank}"
+        )
 
 
 def check_resume(args, same: tuple[str, ...]) -> None:
     """Refuse a --resume that could not continue the run, before anything loads: a folder that is not a checkpoint
-    (trainer_state.pt written by torch.save, args.json an object), flags in `same` that differ from the checkpoint's
-    (they fix the data order and the batches), and LoRA settings other than the checkpoint's: its weights and AdamW
-    state are those of a LoRA adapter of one rank, alpha and set of target modules (adapter_config.json), or of the
-    full model (no adapter: --lora-rank 0), and the saved ones would otherwise win silently. The folder must hold a
-    model that loads (check_model_path: a LoRA checkpoint's base must still be there)."""
+    (trainer_state.pt written by torch.save, args.json an object, a model that loads: check_model_path), flags in
+    `same` that differ from the checkpoint's (they fix the data order and the batches), and LoRA settings other than
+    those of its adapter_config.json (none: the full model, --lora-rank 0), which would otherwise win silently."""
     if not args.resume:
         return
     folder = Path(args.resume).expanduser()
@@ -132,37 +142,28 @@ def check_resume(args, same: tuple[str, ...]) -> None:
                 f"--resume: the checkpoint was trained with --{name.replace('_', '-')} {saved.get(name)}, "
                 f"not {getattr(args, name)}; resume with the same value (or start a new run)"
             )
-    check_model_path(args.resume, "--resume")  # a saved model, and a LoRA checkpoint's base still there
+    check_model_path(args.resume, "--resume")
     has_adapter = (folder / "adapter_config.json").exists()
     adapter = _checkpoint_json(folder, "adapter_config.json", "--resume") if has_adapter else {}
-    rank = adapter.get("r", 0)
-    if not hasattr(args, "lora_rank"):  # a script that trains the full model only (kd_warmup.py)
-        if rank:
-            raise InputError(
-                f"--resume {args.resume!r} holds a LoRA adapter, and this script trains the full model only; resume "
-                "it with the script that wrote it"
-            )
-        return
-    if args.lora_rank != rank and rank:
+    rank, lora_rank = adapter.get("r", 0), getattr(args, "lora_rank", 0)
+    if rank and not hasattr(args, "lora_rank"):  # a script that trains the full model only (kd_warmup.py)
         raise InputError(
-            f"the checkpoint holds a LoRA adapter of rank {rank}: resume it with --lora-rank {rank}, "
-            f"not {args.lora_rank}"
+            f"--resume {args.resume!r} holds a LoRA adapter, and this script trains the full model only; resume "
+            "it with the script that wrote it"
         )
-    if args.lora_rank != rank:
+    _refuse_other_lora_rank(rank, lora_rank)
+    if lora_rank != rank:
         raise InputError(
             f"--resume {args.resume!r} is a full fine-tuning checkpoint (it holds no LoRA adapter): resume it with "
-            f"--lora-rank 0, not {args.lora_rank}, or train adapters on it in a new run (--student {args.resume})"
+            f"--lora-rank 0, not {lora_rank}, or train adapters on it in a new run (--student {args.resume})"
         )
     if not rank:
         return
     targets = adapter.get("target_modules")  # a set: PEFT saves it as a sorted list, and the order does not matter
+    saved_targets = sorted(targets) if isinstance(targets, list) else targets
     for flag, saved_value, value in (
         ("--lora-alpha", adapter.get("lora_alpha"), args.lora_alpha),
-        (
-            "--lora-target-modules",
-            sorted(targets) if isinstance(targets, list) else targets,
-            sorted(args.lora_target_modules),
-        ),
+        ("--lora-target-modules", saved_targets, sorted(args.lora_target_modules)),
     ):
         if saved_value != value:
             shown = [" ".join(map(str, v)) if isinstance(v, list) else v for v in (saved_value, value)]
@@ -178,9 +179,7 @@ def check_resume(args, same: tuple[str, ...]) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -230,13 +229,8 @@ def check_model_path(path: str, what: str) -> None:
             f"{what} {path!r} does not exist; pass a local model folder, a .gguf file, a hub id like "
             "Qwen/Qwen2.5-Math-1.5B-Instruct, or 'toy'"
         )
-    check_hub_id(
-        path,
-        "model",
-        f"{what} {path}",
-        f"pass a local copy instead: a model folder made where the hub can be reached (`hf download {path} "
-        "--local-dir DIR`)",
-    )
+    instead = "pass a local copy instead: a model folder made where the hub can be reached"
+    check_hub_id(path, "model", f"{what} {path}", f"{instead} (`hf download {path} --local-dir DIR`)")
 
 
 def _check_adapter_base(folder: Path, what: str) -> None:
@@ -246,19 +240,14 @@ def _check_adapter_base(folder: Path, what: str) -> None:
     where = f"{what}: adapter_config.json's base_model_name_or_path {base!r}"
     if not isinstance(base, str) or not base:
         raise InputError(f"{where} names no base model; write the base model's folder or hub id there")
-    if not os.path.exists(os.path.expanduser(base)):
-        if not _HUB_ID.fullmatch(base):
-            raise InputError(f"{where} does not exist; put the base model back there, or write where it is now")
-        check_hub_id(
-            base,
-            "model",
-            where,
-            f"download it where the hub can be reached (`hf download {base} --local-dir DIR`) and write DIR there",
-        )
+    if os.path.exists(os.path.expanduser(base)):
+        return
+    if not _HUB_ID.fullmatch(base):
+        raise InputError(f"{where} does not exist; put the base model back there, or write where it is now")
+    instead = f"download it where the hub can be reached (`hf download {base} --local-dir DIR`) and write DIR there"
+    check_hub_id(base, "model", where, instead)
 
 
-# Without the network huggingface_hub retries each file 5 times with backoff (~30 s per file, ~50 s before a missing
-# model fails, minutes before a cached one loads): one short request to its endpoint answers first.
 _HUB_PROBE_TIMEOUT = dict(connect=5.0, read=10.0, write=10.0, pool=5.0)  # seconds; read: HF_HUB_ETAG_TIMEOUT's default
 _HUB_WENT_OFFLINE = False  # set by check_hub_id when it switches the process to the cache
 
@@ -280,22 +269,12 @@ def _hub_unreachable(endpoint: str) -> str | None:
     return None
 
 
-def _hub_cached(repo_id: str, repo_type: str) -> bool:
-    """Whether a snapshot of the repository is in the local Hugging Face cache (or, for a dataset, its prepared
-    copy in the datasets cache), so that it may load without the network."""
-    from huggingface_hub import constants
-
-    folder = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots"
-    if folder.is_dir() and any(folder.iterdir()):
-        return True
-    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
-    return repo_type == "dataset" and (datasets_cache / repo_id.replace("/", "___")).is_dir()
-
-
 def check_hub_id(repo_id: str, repo_type: str, what: str, instead: str) -> None:
-    """Answer in seconds for a hub repository (repo_type 'model' or 'dataset') that cannot load: unless
-    HF_HUB_OFFLINE is set (then huggingface_hub's own error is already immediate), probe the endpoint it uses
-    (HF_ENDPOINT); unreachable and not cached: InputError naming `what` and saying what to pass `instead`;
+    """Answer in seconds for a hub repository (repo_type 'model' or 'dataset') that cannot load. Without the network
+    huggingface_hub retries each file 5 times with backoff (~30 s per file, ~50 s before a missing model fails,
+    minutes before a cached one loads), so one short request to its endpoint (HF_ENDPOINT) answers first, unless
+    HF_HUB_OFFLINE is set (its own error is immediate then). Unreachable and not cached (a snapshot in the hub cache,
+    or a dataset's prepared copy in the datasets cache): InputError naming `what` and saying what to pass `instead`;
     unreachable but cached: the process goes on as with HF_HUB_OFFLINE=1, so the cached copy loads at once."""
     global _HUB_WENT_OFFLINE
     from huggingface_hub import constants
@@ -304,17 +283,16 @@ def check_hub_id(repo_id: str, repo_type: str, what: str, instead: str) -> None:
         return
     if (reason := _hub_unreachable(constants.ENDPOINT)) is None:
         return
-    if not _hub_cached(repo_id, repo_type):
+    snapshots = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots"
+    prepared = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    cached = snapshots.is_dir() and any(snapshots.iterdir())
+    if not cached and not (repo_type == "dataset" and (prepared / repo_id.replace("/", "___")).is_dir()):
         raise InputError(
             f"{what} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
             f"({constants.ENDPOINT}) cannot be reached ({reason}); {instead}"
         )
-    print(
-        f"the hub ({constants.ENDPOINT}) cannot be reached ({reason}): {repo_id} loads from the local cache, "
-        "as with HF_HUB_OFFLINE=1",
-        file=sys.stderr,
-        flush=True,
-    )
+    note = f"the hub ({constants.ENDPOINT}) cannot be reached ({reason}): {repo_id} loads from the local cache"
+    print(note + ", as with HF_HUB_OFFLINE=1", file=sys.stderr, flush=True)
     _HUB_WENT_OFFLINE = True  # so that a later id that is not cached is still refused here
     os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries imported later (datasets reads it at import)
     constants.HF_HUB_OFFLINE = True  # what huggingface_hub and transformers consult on each call
@@ -379,9 +357,6 @@ HUB_DATASETS = {  # name -> (hub id, config, splits)
     "gsm_symbolic_p2": ("apple/GSM-Symbolic", "p2", ("test",)),
 }
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}
 _FIELDS = "question/answer (GSM8K), problem/answer (MATH) or Body/Question/Answer (SVAMP)"
 
 
@@ -446,22 +421,16 @@ def _read_problem_file(name: str) -> list[dict]:
 def check_dataset(name: str, split: str) -> None:
     """Fail early (before any model loads or the toy task is built) on a dataset that cannot load: an
     unknown name, a split that a hub dataset lacks, or a missing or malformed file (parsed in full)."""
-    if name in HUB_DATASETS and split not in HUB_DATASETS[name][2]:
-        repo, config, splits = HUB_DATASETS[name]
-        raise InputError(
-            f"dataset {name} ({repo}{f', config {config}' if config else ''}) has only the split(s) "
-            f"{', '.join(splits)}, not {split!r}: to train, pass a local .jsonl file as --dataset and "
-            f"{name} as --eval-dataset"
-        )
     if name in HUB_DATASETS:
-        repo = HUB_DATASETS[name][0]
-        check_hub_id(
-            repo,
-            "dataset",
-            f"dataset {name} ({repo})",
-            "pass a local .jsonl or .json file of its problems instead (GSM8K's question/answer or MATH's "
-            "problem/answer fields)",
-        )
+        repo, config, splits = HUB_DATASETS[name]
+        if split not in splits:
+            raise InputError(
+                f"dataset {name} ({repo}{f', config {config}' if config else ''}) has only the split(s) "
+                f"{', '.join(splits)}, not {split!r}: to train, pass a local .jsonl file as --dataset and "
+                f"{name} as --eval-dataset"
+            )
+        what, fields = f"dataset {name} ({repo})", "GSM8K's question/answer or MATH's problem/answer fields"
+        check_hub_id(repo, "dataset", what, f"pass a local .jsonl or .json file of its problems instead ({fields})")
     elif name != "toy":
         _read_problem_file(name)
 
@@ -553,11 +522,8 @@ def _value(answer: str) -> str:
     """The value a sentence names ("Jane started 3 hours ago", "the largest $n$ is 34", "12 ways"): what
     follows its last " is ", else its one math span or one number; any other answer as it is."""
     if _WORD.search(_MATH_SPAN.sub(" ", answer)):
-        after_is, spans, numbers = (
-            answer.rsplit(" is ", 1)[-1],
-            _MATH_SPAN.findall(answer),
-            _LAST_NUMBER.findall(answer),
-        )
+        after_is = answer.rsplit(" is ", 1)[-1]
+        spans, numbers = _MATH_SPAN.findall(answer), _LAST_NUMBER.findall(answer)
         if " is " in answer and re.search(r"[\d$\\]", after_is):
             return after_is.strip()
         if len(spans) == 1 or len(numbers) == 1:
@@ -621,28 +587,16 @@ def _math_verify():
     prediction cache, sympy's lazy imports) before any watchdog runs."""
     from math_verify import LatexExtractionConfig, parse, verify
 
-    parse = functools.partial(
-        parse, extraction_config=[LatexExtractionConfig(boxed_match_priority=0)], parsing_timeout=None
-    )
+    extraction = [LatexExtractionConfig(boxed_match_priority=0)]
+    parse = functools.partial(parse, extraction_config=extraction, parsing_timeout=None)
     verify = functools.partial(verify, timeout_seconds=None)
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its warning that there is no timeout: _within is
-    for answer in [
-        r"\left( \frac{1}{2}, -3 \right)",
-        r"[0,1) \cup (2,\infty)",
-        r"x \in [-2, 7]",
-        r"\pm \sqrt{2}",
-        r"\frac{x^2}{4} + y^2/9 = 1",
-        r"50\%",
-        r"90^\circ",
-        r"10 \text{ cm}",
-        "4210_5",
-        "|x-1|",
-        "5!",
-        r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}",
-        r"\sin x + \cos^2 x",
-        r"\log_2 8",
-        r"\text{(A)}",
-    ]:
+    warm_up = (  # one answer of each kind whose first reading imports or builds something, ";"-separated
+        r"\left( \frac{1}{2}, -3 \right);[0,1) \cup (2,\infty);x \in [-2, 7];\pm \sqrt{2};\frac{x^2}{4} + y^2/9 = 1;"
+        r"50\%;90^\circ;10 \text{ cm};4210_5;|x-1|;5!;\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix};\sin x + \cos^2 x;"
+        r"\log_2 8;\text{(A)}"
+    )
+    for answer in warm_up.split(";"):
         verify(parse("\\boxed{x+1}"), parse("\\boxed{" + answer + "}"))
     return parse, verify
 
@@ -745,18 +699,14 @@ class _ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, tokens, chunk, v):
-        starts = range(0, max(len(hs), 1), chunk)  # max: an empty input still yields outputs
-        parts = [
-            _chunk(hs[i : i + chunk], ws, None if ht is None else ht[i : i + chunk], wt, tokens[i : i + chunk], v)
-            for i in starts
-        ]
-        outs = [torch.cat(o) for o in list(zip(*parts))[2:4]]
+        slices = [slice(i, i + chunk) for i in range(0, max(len(hs), 1), chunk)]  # max: an empty input has outputs too
+        parts = [_chunk(hs[s], ws, None if ht is None else ht[s], wt, tokens[s], v) for s in slices]
         ctx.save_for_backward(hs, ws, ht, wt, tokens)
         device = hs.device.type
         ctx.chunk, ctx.v = chunk, v
         ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device))
         ctx.autocast["enabled"] = torch.is_autocast_enabled(device)
-        return tuple(outs)
+        return tuple(torch.cat(o) for o in list(zip(*parts))[2:4])
 
     @staticmethod
     def backward(ctx, g_kl, g_lp):
@@ -765,11 +715,8 @@ class _ChunkedKL(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         gh = torch.zeros_like(hs) if need_h else None
         # fp32 accumulator so that many bf16 chunk products do not lose precision when summed
-        gw = (
-            torch.zeros(ws.shape, dtype=torch.promote_types(ws.dtype, torch.float32), device=ws.device)
-            if need_w
-            else None
-        )
+        accumulator = torch.promote_types(ws.dtype, torch.float32)
+        gw = torch.zeros(ws.shape, dtype=accumulator, device=ws.device) if need_w else None
         for i in range(0, len(hs), chunk):
             sl, yc = slice(i, i + chunk), y[i : i + chunk]
             # the teacher's chunk logits only where the KL carries gradient (not for GRPO or non-violators)
@@ -806,25 +753,16 @@ def kl_from_hidden(
     Returns (kl, student_logprobs), each shaped like tokens, float32; gradients flow through both to student_hidden
     and student_weight (in their dtypes); the teacher is constant."""
     v = vocab_size or min(student_weight.shape[0], teacher_weight.shape[0])
-    outs = _ChunkedKL.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]),
-        student_weight,
-        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
-        teacher_weight.detach(),
-        tokens.reshape(-1),
-        chunk_size,
-        v,
-    )
+    hs, ht = (h.reshape(-1, h.shape[-1]) for h in (student_hidden, teacher_hidden.detach()))
+    outs = _ChunkedKL.apply(hs, student_weight, ht, teacher_weight.detach(), tokens.reshape(-1), chunk_size, v)
     return tuple(o.reshape(tokens.shape) for o in outs)
 
 
 def token_logprobs_from_hidden(hidden, weight, tokens, chunk_size: int = 1024, vocab_size: int | None = None):
     """log pi(tokens) (N,) float32 from final hidden states (N, H) and the output matrix (V, H), over the first
     vocab_size rows, a chunk at a time (no full logits); differentiable; tokens < 0 give 0."""
-    v = vocab_size or weight.shape[0]
-    _, lp = _ChunkedKL.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, None, None, tokens.reshape(-1), chunk_size, v
-    )
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    _, lp = _ChunkedKL.apply(hidden, weight, None, None, tokens.reshape(-1), chunk_size, vocab_size or weight.shape[0])
     return lp.reshape(tokens.shape)
 
 
@@ -878,14 +816,12 @@ def longest_prompt_tokens(tokenizer, problems: list[dict]) -> int:
 
 
 def static_compile_config(device: torch.device, backend: str = "auto"):
-    """How the static sampler compiles its decode step: a transformers CompileConfig, or None for no compilation.
-    'auto': on CUDA 'inductor' when a C compiler and Python's headers are there (inductor and triton build their
-    kernels with them), else 'cudagraphs' (CUDA graphs without code generation); elsewhere None (on CPU the static
-    cache runs eagerly). 'inductor' on CUDA runs in mode 'reduce-overhead' (its kernels replayed as CUDA graphs).
-    Always one graph (fullgraph: a graph break fails at the first call instead of silently splitting the CUDA graph)
-    of fixed shapes (dynamic=False: the cache length and the batch are fixed for a run). 'none': None."""
-    import sysconfig
-
+    """How the static sampler compiles its decode step: a transformers CompileConfig, or None (no compilation) for
+    'none' and for 'auto' off CUDA (the static cache runs eagerly on CPU). 'auto' on CUDA: 'inductor' where a C compiler
+    and Python's headers are there to build its kernels, else 'cudagraphs'; 'inductor' on CUDA runs in mode
+    'reduce-overhead' (its kernels replayed as CUDA graphs). One graph of fixed shapes: fullgraph (a graph break fails
+    at the first call instead of silently splitting the CUDA graph), dynamic=False (the cache length and the batch are
+    fixed for a run)."""
     from transformers import CompileConfig
 
     if backend == "auto":
@@ -931,26 +867,24 @@ def generate(
     max_prompt_tokens: int | None = None,
     compile_config="auto",
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids) per prompt; the response ends at its first eos (kept) or at max_new_tokens.
+    """(prompt_ids, response_ids) per prompt; the response ends at its first eos (kept) or at max_new_tokens. Runs in
+    eval mode; the G copies of a prompt (consecutive, as in training) share one prefill.
 
-    Sampling is from the model's plain softmax over the tokenizer's real ids at `temperature` (0 = greedy), and from
-    nothing else: the checkpoint's generation_config is set aside for the call (its top-k, top-p, min-p, typical-p,
-    cutoffs, penalties, n-gram and bad-word bans, minimum lengths, biases and suppress lists would each make the
-    samples off-policy), and padding rows of a wider output matrix are suppressed, so sampled responses are
-    on-policy for the distribution that the policy gradient differentiates and the KL compares. Runs in eval mode.
-    The G copies of a prompt (consecutive, as in training) share one prefill of the prompt.
+    Sampling is from the model's plain softmax over the tokenizer's real ids at `temperature` (0 = greedy) and from
+    nothing else, so that samples are on-policy for the distribution that the policy gradient differentiates and the KL
+    compares: the checkpoint's generation_config is set aside for the call (its top-k, top-p, penalties, bans, minimum
+    lengths, biases, ... would each make the samples off-policy), and padding rows of a wider output matrix are
+    suppressed.
 
-    sampler: 'dynamic', a KV cache that grows with the response; 'static', the model's one preallocated cache of
-    batch_size x (max_prompt_tokens + max_new_tokens) positions, kept between calls, and the decode step compiled
-    once for that shape (`compile_config`). Prompts keep their chunk's own width: the decode step's shapes depend on
-    the cache length and the batch only. A short chunk is padded with dummy rows (copies of its last prompt, done
-    after one token, dropped). On CPU in float32 both samplers give the same tokens (tests/test_sampler.py), except
-    at temperature > 0 in a short chunk, whose dummy rows draw random numbers too (training's chunks are full);
-    compiled GPU kernels round differently, so in bf16 they agree on most tokens, not all (benchmark/bench_sampler.py).
-    max_prompt_tokens: static only, the longest prompt in tokens that the cache must hold (a run's cap:
-    `longest_prompt_tokens`); None: the longest prompt of this call. A longer prompt is refused.
-    compile_config: static only, a transformers CompileConfig for the decode step or None (none); 'auto':
-    `static_compile_config` (inductor with CUDA graphs on CUDA, none on CPU).
+    sampler 'dynamic': a KV cache that grows with the response; 'static': the model's one cache of batch_size x
+    (max_prompt_tokens + max_new_tokens) positions, kept between calls, and the decode step compiled once for that
+    shape (compile_config: a transformers CompileConfig, None, or 'auto': `static_compile_config`). Prompts keep their
+    chunk's own width (the decode step's shapes depend on the cache length and the batch only); a short chunk is padded
+    with dummy rows (copies of its last prompt, done after one token, dropped). On CPU in float32 both samplers give
+    the same tokens (tests/test_sampler.py) except at temperature > 0 in a short chunk, whose dummy rows draw random
+    numbers too; compiled GPU kernels round differently, so in bf16 they agree on most tokens, not all
+    (benchmark/bench_sampler.py). max_prompt_tokens (static only): a run's prompt cap (`longest_prompt_tokens`; a
+    longer prompt is refused); None: the longest prompt of this call.
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -1010,9 +944,8 @@ def generate(
                 stopping.append(lambda input_ids, scores, **kwargs: dummy)  # done after their first token
             if shared and enc["input_ids"].shape[1] > 1:
                 mask = enc["attention_mask"][:, :-1]
-                _, prefix = shared_prompt_cache(
-                    model, enc["input_ids"][:, :-1], mask, (mask.cumsum(1) - 1).clamp(min=0), copies
-                )
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+                _, prefix = shared_prompt_cache(model, enc["input_ids"][:, :-1], mask, positions, copies)
                 if static:  # the shared prefix into the static cache (each layer's first update sizes its tensors)
                     for layer, source in zip(cache.layers, prefix.layers):
                         layer.update(source.keys, source.values)
@@ -1020,13 +953,10 @@ def generate(
                     cache = prefix
             enc = {k: v[copies] for k, v in enc.items()}
             out = model.generate(**enc, past_key_values=cache, generation_config=config, stopping_criteria=stopping)
-            for row_ids, row_mask, row_out in zip(
-                enc["input_ids"][:real], enc["attention_mask"][:real], out[:real, enc["input_ids"].shape[1] :]
-            ):
-                response = row_out.tolist()
-                ends = [j for j, t in enumerate(response) if t in eos]
-                response = response[: ends[0] + 1] if ends else response
-                pairs.append((row_ids[row_mask.bool()].tolist(), response))
+            responses = out[:real, enc["input_ids"].shape[1] :].tolist()
+            for ids, row_mask, response in zip(enc["input_ids"][:real], enc["attention_mask"][:real], responses):
+                end = next((j + 1 for j, t in enumerate(response) if t in eos), len(response))  # the first eos, kept
+                pairs.append((ids[row_mask.bool()].tolist(), response[:end]))
     finally:
         model.generation_config = checkpoint_config
         model.train(was_training)
@@ -1036,41 +966,28 @@ def generate(
 def pad_sequences(
     pairs: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Left-pad prompts and right-pad responses into one batch.
-
-    Returns input_ids, attention_mask, position_ids (B, T + 1) and response_mask (B, T): 1 where the next-token
-    target input_ids[:, 1:] is a response token (the policy's actions).
-    """
-    prompt_len = max(len(p) for p, _ in pairs)
-    response_len = max(len(r) for _, r in pairs)
-    batch = len(pairs)
-    input_ids = torch.full((batch, prompt_len + response_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    response_mask = torch.zeros_like(input_ids)
+    """Left-pad prompts and right-pad responses into one batch: input_ids, attention_mask, position_ids (B, T + 1)
+    and response_mask (B, T), 1 where the next-token target input_ids[:, 1:] is a response token (an action)."""
+    prompt_len, response_len = max(len(p) for p, _ in pairs), max(len(r) for _, r in pairs)
+    input_ids = torch.full((len(pairs), prompt_len + response_len), pad_id, dtype=torch.long)
+    attention_mask, response_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
     for i, (p, r) in enumerate(pairs):
         input_ids[i, prompt_len - len(p) : prompt_len + len(r)] = torch.tensor(p + r)
         attention_mask[i, prompt_len - len(p) : prompt_len + len(r)] = 1
         response_mask[i, prompt_len : prompt_len + len(r)] = 1
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    tensors = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        response_mask=response_mask[:, 1:],
-    )
-    return {k: v.to(device) for k, v in tensors.items()}
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return {k: v.to(device) for k, v in batch.items()} | {"response_mask": response_mask[:, 1:].to(device)}
 
 
 def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final (post-norm) hidden states (N, H) at the N positions that predict a response token: the lm_head input
-    where the KL and log-probs are needed, without (B, L, V) logits (prompt positions never meet the vocabulary-wide
-    softmax). Differentiable when called with grad enabled.
+    where the KL and log-probs are needed, without (B, L, V) logits. Differentiable when called with grad enabled.
 
-    The G responses of a group share their prompt (the batch's first P columns, left-padded alike), and a prompt's
-    keys and values do not depend on what follows it: each distinct prompt runs once, its KV cache is copied to its
-    copies, and only the responses run per row. B/G x P + B x R positions instead of B x (P + R); the same hidden
-    states up to float rounding (tests/test_common.py), gradients flowing back through the shared cache.
-    """
+    The G responses of a group share their prompt (the batch's first P columns, left-padded alike), whose keys and
+    values do not depend on what follows: each distinct prompt runs once, its KV cache is copied to its copies, and
+    only the responses run per row: B/G x P + B x R positions instead of B x (P + R); the same hidden states up to
+    float rounding (tests/test_common.py), gradients flowing back through the shared cache."""
     decoder, mask = model.get_decoder(), batch["response_mask"].bool()
     ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     P = int(mask.any(0).int().argmax()) + 1  # the first response column (response_mask is shifted by one)
@@ -1079,16 +996,11 @@ def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # one plain pass, no cache, when every prompt differs (evaluation) or under gradient checkpointing (its layers drop
     # the cache in training, and the responses would run without their prompt)
     if len(prompts) == len(ids) or (model.is_activation_checkpointing and model.training):
-        hidden = decoder(
-            input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False
-        ).last_hidden_state
-        return hidden[:, :-1][mask]
-    first = torch.zeros(len(prompts), dtype=torch.long, device=ids.device).scatter_(
-        0, rows, torch.arange(len(ids), device=ids.device)
-    )
-    prompt, cache = shared_prompt_cache(
-        model, ids[first, :P], attention[first, :P], positions[first, :P], rows
-    )  # (B/G, P, H)
+        hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
+        return hidden.last_hidden_state[:, :-1][mask]
+    first = torch.zeros(len(prompts), dtype=torch.long, device=ids.device)
+    first.scatter_(0, rows, torch.arange(len(ids), device=ids.device))  # a row of each distinct prompt
+    prompt, cache = shared_prompt_cache(model, ids[first, :P], attention[first, :P], positions[first, :P], rows)
     response = decoder(
         input_ids=ids[:, P:],
         attention_mask=attention,
@@ -1106,15 +1018,9 @@ def score(student, batch: dict[str, torch.Tensor], teacher_hidden, teacher_weigh
     final_hidden(teacher, batch), computed once per batch by the caller. Differentiable w.r.t. the student under
     grad."""
     mask = batch["response_mask"].bool()
-    outs = kl_from_hidden(
-        final_hidden(student, batch),
-        student.get_output_embeddings().weight,
-        teacher_hidden,
-        teacher_weight,
-        batch["input_ids"][:, 1:][mask],
-        chunk_size,
-        vocab_size,
-    )
+    hidden, weight = final_hidden(student, batch), student.get_output_embeddings().weight
+    tokens = batch["input_ids"][:, 1:][mask]
+    outs = kl_from_hidden(hidden, weight, teacher_hidden, teacher_weight, tokens, chunk_size, vocab_size)
     return tuple(torch.zeros(mask.shape, dtype=o.dtype, device=o.device).masked_scatter(mask, o) for o in outs)
 
 
@@ -1166,65 +1072,38 @@ def evaluate(
     prompts = [render_prompt(tokenizer, p["question"]) for p in problems]
     if sampler == "static" and max_prompt_tokens is None and problems:
         max_prompt_tokens = longest_prompt_tokens(tokenizer, problems)
+    options = dict(sampler=sampler, max_prompt_tokens=max_prompt_tokens)
     vocab = vocab_size(tokenizer, model, *([teacher] if teacher is not None else []))
     records, was_training = [], model.training
     for i in tqdm(range(0, len(prompts), batch_size), desc="eval", disable=not progress, leave=False):
-        pairs = generate(
-            model,
-            tokenizer,
-            prompts[i : i + batch_size],
-            max_new_tokens,
-            temperature,
-            batch_size,
-            sampler=sampler,
-            max_prompt_tokens=max_prompt_tokens,
-        )
+        chunk = prompts[i : i + batch_size]
+        pairs = generate(model, tokenizer, chunk, max_new_tokens, temperature, batch_size, **options)
         mean_kls = costs = [None] * len(pairs)
         if teacher is not None:
             batch = pad_sequences(pairs, tokenizer.pad_token_id, model.device)
-            teacher_hidden = final_hidden(teacher, batch)
-            kl, _ = score(
-                model.eval(), batch, teacher_hidden, teacher.get_output_embeddings().weight, kl_chunk_size, vocab
-            )
+            teacher_hidden, teacher_weight = final_hidden(teacher, batch), teacher.get_output_embeddings().weight
+            kl, _ = score(model.eval(), batch, teacher_hidden, teacher_weight, kl_chunk_size, vocab)
             model.train(was_training)
             mean_kls = masked_mean(kl, batch["response_mask"], dim=1).tolist()
             costs = sequence_costs(kl, batch["response_mask"], constraint).tolist()
         for problem, prompt, (_, response_ids), mean_kl, cost in zip(
-            problems[i : i + batch_size], prompts[i : i + batch_size], pairs, mean_kls, costs
+            problems[i : i + batch_size], chunk, pairs, mean_kls, costs
         ):
             response, gold = tokenizer.decode(response_ids, skip_special_tokens=True), problem["answer"]
-            records.append(
-                dict(
-                    prompt=prompt,
-                    response=response,
-                    extracted=extract_answer(response),
-                    gold=gold,
-                    correct=is_correct(response, gold),
-                    lenient_correct=is_correct_lenient(response, gold),
-                    mean_kl=mean_kl,
-                    cost=cost,
-                    response_tokens=len(response_ids),
-                )
-            )
+            record = dict(prompt=prompt, response=response, extracted=extract_answer(response), gold=gold)
+            record.update(correct=is_correct(response, gold), lenient_correct=is_correct_lenient(response, gold))
+            records.append(record | dict(mean_kl=mean_kl, cost=cost, response_tokens=len(response_ids)))
     if not records:
         return records, dict(n=0)
-    summary = dict(
-        n=len(records),
-        accuracy=float(np.mean([r["correct"] for r in records])),
-        lenient_accuracy=float(np.mean([r["lenient_correct"] for r in records])),  # never a reward
-        mean_response_tokens=float(np.mean([r["response_tokens"] for r in records])),
-    )
+    columns = {key: np.array([r[key] for r in records]) for key in ("correct", "lenient_correct", "response_tokens")}
+    summary = dict(n=len(records), accuracy=float(columns["correct"].mean()))
+    summary["lenient_accuracy"] = float(columns["lenient_correct"].mean())  # never a reward
+    summary["mean_response_tokens"] = float(columns["response_tokens"].mean())
     if teacher is not None:
         kls, costs = np.array([r["mean_kl"] for r in records]), np.array([r["cost"] for r in records])
         quantiles = {f"cost_p{q}": float(np.quantile(costs, q / 100)) for q in (50, 90, 95)}
-        summary.update(
-            mean_kl=float(kls.mean()),
-            max_kl=float(kls.max()),
-            constraint=constraint,
-            mean_cost=float(costs.mean()),
-            **quantiles,
-            budget=budget,
-        )
+        summary.update(mean_kl=float(kls.mean()), max_kl=float(kls.max()), constraint=constraint)
+        summary.update(mean_cost=float(costs.mean()), **quantiles, budget=budget)
         if budget is not None:
             summary["csr"] = float((costs <= budget).mean())
     return records, summary
@@ -1259,15 +1138,8 @@ def make_run_dir(args, run_dir: Path | None = None, config_name: str = "config.j
     if run_dir is None:
         run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(
-        args=asdict(args),
-        argv=sys.argv,
-        git_commit=git_commit(),
-        python=sys.version.split()[0],
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        numpy=np.__version__,
-    )
+    config = dict(args=asdict(args), argv=sys.argv, git_commit=git_commit(), python=sys.version.split()[0])
+    config.update(torch=torch.__version__, transformers=transformers.__version__, numpy=np.__version__)
     write_json(run_dir / config_name, config)
     return run_dir
 
@@ -1276,14 +1148,6 @@ def write_json(path: Path, obj) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Replace `path` with one JSON line per record, atomically (as write_json)."""
-    tmp = Path(f"{path}.tmp")
-    tmp.unlink(missing_ok=True)
-    append_jsonl(tmp, records)
     os.replace(tmp, path)
 
 
@@ -1330,16 +1194,9 @@ def make_writer(run_dir: Path, args, purge_step: int | None = None):
     if args.track:
         import wandb
 
-        wandb.init(
-            project=args.wandb_project,
-            entity=args.wandb_entity,
-            name=run_dir.name,
-            dir=str(run_dir),
-            id=re.sub(r"[^\w-]", "-", run_dir.name),
-            resume="allow",
-            config=asdict(args),
-            sync_tensorboard=True,
-        )
+        run_id = re.sub(r"[^\w-]", "-", run_dir.name)
+        options = dict(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), sync_tensorboard=True)
+        wandb.init(name=run_dir.name, dir=str(run_dir), id=run_id, resume="allow", **options)
     return SummaryWriter(str(run_dir), purge_step=purge_step)
 
 
@@ -1381,11 +1238,11 @@ def derive_seed(*parts: int) -> int:
 
 def _collective_device() -> torch.device | None:
     """Where this process's collectives run, None outside a process group (a plain `python script.py` run, or after
-    destroy_distributed): nccl works on the current CUDA device (init_distributed set it to cuda:LOCAL_RANK), gloo
-    on the CPU. Read from torch.distributed itself, so no module state can disagree with the process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    destroy_distributed): nccl's on the current CUDA device (init_distributed set it to cuda:LOCAL_RANK), gloo's on
+    the CPU. Read from torch.distributed itself, so no module state can disagree with the process group."""
+    if not (dist.is_available() and dist.is_initialized()):
         return None
-    if "nccl" in str(torch.distributed.get_backend()):
+    if "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -1398,8 +1255,6 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     resolved = resolve_device(device)
     if world_size == 1:
         return 0, 1, resolved
-    import torch.distributed as dist
-
     if resolved.type == "cuda":
         resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(resolved)  # nccl's collectives, and _collective_device, use the current device
@@ -1407,23 +1262,23 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world_size, resolved
 
 
+def barrier() -> None:
+    if _collective_device() is not None:
+        dist.barrier()
+
+
 def destroy_distributed() -> None:
     """Leave the process group at the end of a torchrun run, all ranks together, as torch.distributed asks: ranks
     that exited with it alive were seen to abort at interpreter exit after their last checkpoint."""
     if _collective_device() is not None:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum of x over ranks (x itself in a single process); returned on x's device."""
-    device = _collective_device()
-    if device is None:
+    if (device := _collective_device()) is None:
         return x
-    import torch.distributed as dist
-
     y = x.detach().to(device).clone()
     dist.all_reduce(y)
     return y.to(x.device)
@@ -1431,35 +1286,27 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenation over ranks, in rank order, along dim 0 (same shape on every rank); x in a single process."""
-    device = _collective_device()
-    if device is None:
+    if (device := _collective_device()) is None:
         return x
-    import torch.distributed as dist
-
     parts = [torch.empty_like(x, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().to(device).contiguous())
     return torch.cat(parts).to(x.device)
 
 
 def sync_gradients(model, bucket_bytes: int = 256 * 2**20) -> None:
-    """Sum each gradient over ranks. Every rank normalises its loss by the global token and response counts, so
-    the sum is the gradient of the whole batch's loss, the same as one process on the whole batch (explicit
-    all-reduce as in CleanRL's multi-GPU PPO; DDP's hooks would not see the calls that bypass forward()).
-
-    As CleanRL's PPO, the gradients travel flattened, one all-reduce per bucket instead of one per parameter (a Qwen
-    model has ~340 tensors), but in buckets of at most bucket_bytes instead of one flat copy of them all (6.2 GB in
-    fp32 for a 1.5B model): 256 MiB bounds the transient copy to ~4% of a 1.5B model's fp32 gradients and makes
-    ~25 collectives of it, each far past the few tens of MB at which an all-reduce reaches its full bandwidth. (DDP's
-    25 MB default is small so that buckets can start during the backward; this sync runs after it.) Buckets group
-    consecutive parameters of one dtype and device; a gradient alone in its bucket (one larger than bucket_bytes)
-    is reduced in place, with no copy. A parameter whose .grad is None on every rank stays None; one that has a
-    gradient on some rank only gets zeros on the others first, so all ranks build the same buckets: that takes one
-    small all-reduce of a flag per parameter. The sums are the per-parameter all-reduce's, element for element."""
-    device = _collective_device()
-    if device is None:
+    """Sum each gradient over ranks. Every rank normalises its loss by the global token and response counts, so the
+    sum is the gradient of the whole batch's loss (explicit all-reduce as in CleanRL's multi-GPU PPO; DDP's hooks
+    would not see the calls that bypass forward()). Gradients travel flattened in buckets of at most bucket_bytes of
+    consecutive parameters of one dtype and device, one all-reduce each, instead of one per parameter (a Qwen model
+    has ~340 tensors) or one flat copy of all (6.2 GB in fp32 for a 1.5B model): 256 MiB bounds the transient copy to
+    ~4% of a 1.5B model's fp32 gradients in ~25 collectives, each far past the few tens of MB at which an all-reduce
+    reaches its full bandwidth (DDP's 25 MB default lets buckets start during the backward; this runs after it). A
+    bucket of one gradient (one larger than bucket_bytes, say), contiguous and on the collectives' device, is reduced
+    in place. A .grad that is None on every rank stays None; one that is None on some ranks only is made zeros there
+    first (one small all-reduce of flags), so that all ranks build the same buckets. The sums are the per-parameter
+    all-reduce's, element for element."""
+    if (device := _collective_device()) is None:
         return
-    import torch.distributed as dist
-
     params = [p for p in model.parameters() if p.requires_grad]
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
     dist.all_reduce(present, op=dist.ReduceOp.MAX)
@@ -1485,13 +1332,6 @@ def sync_gradients(model, bucket_bytes: int = 256 * 2**20) -> None:
             g.copy_(part.view_as(g))
 
 
-def barrier() -> None:
-    if _collective_device() is not None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 _DOT_CHUNK = 2**24  # elements: the fp32 copies of a bf16 gradient are made this many at a time (64 MB each)
 
 
@@ -1507,20 +1347,16 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def backward_with_diagnostics(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
     """The backward of the sum of two loss terms, as `(loss_a + loss_b).backward()`, that also measures what drives
-    the update: the gradient norm of each term on this micro-batch and the cosine of their sum with each (a term that
-    swamps the other shows as a cosine near 1). Returns losses/{a}_grad_norm, losses/{b}_grad_norm,
-    losses/cos_total_{a}, losses/cos_total_{b}.
+    the update: each term's gradient norm on this micro-batch and the cosine of their sum with each (a term that
+    swamps the other shows as a cosine near 1): losses/{a}_grad_norm, losses/{b}_grad_norm, losses/cos_total_{a},
+    losses/cos_total_{b}. A term that does not require grad (a constant, e.g. no violators) has gradient 0.
 
-    No gradient-sized copy: loss_a's backward (graph kept) leaves a in .grad, where |a|^2 is read; then hooks on the
-    parameters see each b_p before autograd adds it to .grad (= a_p) and sum b_p . b_p and a_p . b_p, and loss_b's
-    backward leaves a + b in .grad. A parameter used twice (tied input and output embeddings) gets one hook call with
-    its summed gradient. Costs one extra backward of this micro-batch; memory beyond a plain backward: the graph
-    stays whole through loss_a's backward. Dot products accumulate in float32. A term that does not require grad
-    (a constant, e.g. no violators) has gradient 0.
-
-    .grad must be None or zero on entry (call it on a step's first micro-batch, after optimizer.zero_grad()); every
-    parameter must get its gradient in one piece per backward (not so under reentrant activation checkpointing;
-    transformers' default is non-reentrant): both are checked."""
+    No gradient-sized copy: loss_a's backward (graph kept) leaves a in .grad, where |a|^2 is read; hooks on the
+    parameters then see each b_p before autograd adds it to .grad and sum b_p . b_p and a_p . b_p (in float32), and
+    loss_b's backward leaves a + b in .grad. Costs one extra backward of this micro-batch, and the graph stays whole
+    through loss_a's backward. Checked: .grad is None or zero on entry (a step's first micro-batch, after zero_grad),
+    and each parameter gets its gradient in one piece per backward (a tied embedding: one hook call with the sum; not
+    so under reentrant activation checkpointing, while transformers' default is non-reentrant)."""
     (name_a, loss_a), (name_b, loss_b) = terms.items()
     params = list({id(p): p for p in params if p.requires_grad}.values())  # one hook per tensor
     held = [i for i, p in enumerate(params) if p.grad is not None and bool(p.grad.any())]
@@ -1591,29 +1427,28 @@ def _refuse_embedding_targets(targets: tuple[str, ...], embeddings) -> None:
 
 def check_lora_args(rank: int, alpha: float, targets: tuple[str, ...], student: str) -> None:
     """Reject LoRA settings before anything loads (add_lora checks the targets again on the loaded model)."""
-    import importlib.util
-
     if rank < 0 or alpha <= 0:
         raise InputError(
             f"--lora-rank must be >= 0 (0 = full fine-tuning) and --lora-alpha > 0, got {rank} and {alpha}"
         )
-    if rank and importlib.util.find_spec("peft") is None:
+    if not rank:
+        return
+    if importlib.util.find_spec("peft") is None:
         raise InputError(
             "--lora-rank needs PEFT, which is not installed: pip install -r requirements-lora.txt (peft==0.21.2)"
         )
-    if rank and student.endswith(".gguf"):
+    if student.endswith(".gguf"):
         raise InputError(
             f"--lora-rank with the GGUF student {student}: its adapter could not name a base to reload; "
             "save the model as a folder first (save_pretrained)"
         )
-    if rank and (not targets or not all(t.strip() for t in targets)):
+    if not targets or not all(t.strip() for t in targets):
         got = " ".join(map(repr, targets)) or "nothing"
         raise InputError(
             f"--lora-target-modules must name one module or more, none of them empty, got {got}; "
             f"e.g. {' '.join(LORA_TARGETS)}"
         )
-    if rank:
-        _refuse_embedding_targets(targets, _EMBEDDING_NAMES)
+    _refuse_embedding_targets(targets, _EMBEDDING_NAMES)
 
 
 def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
@@ -1621,17 +1456,12 @@ def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
     sampled), only the adapters trainable; a model loaded from a LoRA checkpoint keeps its adapter, made trainable.
     rank 0: the model unchanged (full fine-tuning)."""
     loaded = getattr(model, "_hf_peft_config_loaded", False)
-    saved_rank = model.peft_config["default"].r if loaded else 0
-    if loaded and rank != saved_rank:
-        raise InputError(
-            f"the checkpoint holds a LoRA adapter of rank {saved_rank}: "
-            f"resume it with --lora-rank {saved_rank}, not {rank}"
-        )
+    _refuse_other_lora_rank(model.peft_config["default"].r if loaded else 0, rank)
     if not rank:
         return model
     embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
-    names = [name for name, _ in model.named_modules()]
     _refuse_embedding_targets(targets, [name for name, module in model.named_modules() if module in embeddings])
+    names = [name for name, _ in model.named_modules()]
     if not loaded and (missing := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]):
         linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is torch.nn.Linear}
         linear = sorted(linear - {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m in embeddings})

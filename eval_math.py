@@ -23,6 +23,7 @@ with an unparseable verdict is counted and excluded. Rates come with seeded boot
 """
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -396,7 +397,7 @@ def rwr(args: Args) -> dict:
         or f"runs/eval/rwr__{tag(str(Path(path_a).parent))}__vs__{tag(str(Path(path_b).parent))}__{int(time.time())}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    common.write_jsonl(out / "verdicts.jsonl", records)
+    write_jsonl(out / "verdicts.jsonl", records)
     common.write_json(out / "summary.json", summary)
     print(f"\nReasoning Win Rate of A = {path_a} vs B = {path_b}, judge {args.judge}, {n} problems")
     print(
@@ -465,7 +466,7 @@ def main(args: Args) -> dict:
 
     out = Path(args.output_dir or f"runs/eval/{tag(args.model)}__{tag(args.dataset)}__{int(time.time())}")
     out.mkdir(parents=True, exist_ok=True)
-    common.write_jsonl(out / "results.jsonl", records)
+    write_jsonl(out / "results.jsonl", records)
     common.write_json(out / "summary.json", summary)
     print(f"\n| {'metric':<20} | {'value':>12} |\n|{'-' * 22}|{'-' * 14}|")
     for key in (
@@ -489,6 +490,18 @@ def main(args: Args) -> dict:
             print(f"| {key:<20} | {value:>12.4f} |" if isinstance(value, float) else f"| {key:<20} | {value:>12} |")
     print(f"\nwrote {out / 'results.jsonl'} and {out / 'summary.json'}")
     return summary
+
+
+# TRY NOT TO MODIFY: results written whole
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace `path` with one JSON line per record, atomically (as common.write_json): a crash leaves the old file or
+    the new one, never half of one, and a second evaluation into the same folder replaces the first."""
+    tmp = Path(f"{path}.tmp")
+    tmp.unlink(missing_ok=True)
+    common.append_jsonl(tmp, records)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

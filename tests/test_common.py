@@ -332,14 +332,6 @@ def test_truncate_jsonl_keeps_steps_up_to_the_checkpoint(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
 
 
-def test_write_jsonl_replaces_the_file_and_leaves_no_temporary(tmp_path):
-    path = tmp_path / "results.jsonl"
-    common.write_jsonl(path, [{"a": 1}, {"a": 2}, {"a": 3}])
-    common.write_jsonl(path, [{"a": 4}])  # a second evaluation into the same folder replaces, never appends
-    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 4}]
-    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
-
-
 def test_scoring_builds_no_kv_cache_and_generation_does(tiny_toy):
     """Scoring runs one forward over whole sequences: a KV cache there is memory for nothing."""
     tokenizer = common.load_tokenizer(str(tiny_toy / "student"))

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import eval_math
 from conftest import ROOT, run_script
 
 
@@ -156,3 +157,11 @@ def test_bad_dataset_file_fails_before_the_toy_build(tmp_path):
     )
     assert proc.returncode == 1 and proc.stderr.strip() == f"{data}: line 2 is not valid JSON (Expecting value)."
     assert not any(cache.iterdir()), "a toy build started before the dataset was checked"
+
+
+def test_write_jsonl_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "results.jsonl"
+    eval_math.write_jsonl(path, [{"a": 1}, {"a": 2}, {"a": 3}])
+    eval_math.write_jsonl(path, [{"a": 4}])  # a second evaluation into the same folder replaces, never appends
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 4}]
+    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
