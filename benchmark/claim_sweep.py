@@ -20,7 +20,9 @@ problems included); every run trains on the remaining 19,500.
 Chunks: tune-d0.05 (31 runs on the validation split, seed 1: CMDP's beta in {0.3, 1, 3, 10, 20} x n in {1, 20} with
 centred advantages, std-normalised advantages at beta 1 and 20, the sum form; fixed lambda on a grid of 9; dual
 ascent step size x starting lambda), lr-ablation (2: the paper's setting at a third and three times the learning
-rate), final-d0.05 / final-d0.1 / final-d0.013 (each method's setting that benchmark/claim_results.py chose on
+rate), tune-d0.1 and tune-d0.013 (16 each: CMDP and dual ascent trained for that budget, CMDP's beta in {1, 10,
+20} x n in {1, 20}, the std-normalised at beta 20, the sum form; fixed lambda's runs at d = 0.05 serve every budget),
+final-d0.05 / final-d0.1 / final-d0.013 (each method's setting that benchmark/claim_results.py chose on
 validation at that budget, benchmark/results/claim/chosen.json, and the paper's setting, seeds 1-5, evaluated on
 the toy test split). A run whose seed-1 training already exists in --out (the tuning run of the same name) is only
 evaluated on the new split.
@@ -69,9 +71,11 @@ def cmdp_run(budget: float, n: str, norm: str, beta: str, form: str = "mean") ->
 
 def cmdp_grid(budget: float) -> list[tuple[str, int, str]]:
     """CMDP's own knobs at one budget: beta over BETAS x n in {1, 20} with centred advantages, GRPO's std-normalised
-    advantages at beta 1 and 20, and the paper's sum form (n = 20, beta = 1, both normalisations)."""
-    runs = [cmdp_run(budget, n, "centred", beta) for n in ("1", "20") for beta in BETAS]
-    runs += [cmdp_run(budget, n, "std", beta) for n in ("1", "20") for beta in ("1", "20")]
+    advantages at beta 1 and 20, and the paper's sum form (n = 20, beta = 1, both normalisations). At the other
+    budgets, beta over {1, 10, 20} (where d = 0.05's outcome changes) and the std-normalised at beta 20."""
+    betas, std_betas = (BETAS, ("1", "20")) if budget == 0.05 else (("1", "10", "20"), ("20",))
+    runs = [cmdp_run(budget, n, "centred", beta) for n in ("1", "20") for beta in betas]
+    runs += [cmdp_run(budget, n, "std", beta) for n in ("1", "20") for beta in std_betas]
     return runs + [cmdp_run(budget, "20", norm, "1", "sum") for norm in ("centred", "std")]
 
 
@@ -120,13 +124,16 @@ FIRST = (
     "cmdpsum_n20_std_b1",
 )
 OTHER_BUDGETS = ("0.1", "0.013")  # twice the default, and the pilot's (docs/results.md, "Choosing the budget")
-CHUNKS = ("tune-d0.05", "lr-ablation", "final-d0.05", "final-d0.1", "final-d0.013")
+CHUNKS = ("tune-d0.05", "tune-d0.1", "tune-d0.013", "lr-ablation", "final-d0.05", "final-d0.1", "final-d0.013")
 
 
 def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
     """(run name, seed, script and method flags) of every run of a chunk, most informative first."""
     if chunk == "tune-d0.05":  # fixed lambda is budget-free: its front at every budget comes from these runs
         runs = cmdp_grid(0.05) + fixed_grid() + dual_grid(0.05)
+    elif chunk.removeprefix("tune-d") in OTHER_BUDGETS:  # CMDP and dual ascent trained for that budget
+        budget = float(chunk.removeprefix("tune-d"))
+        runs = cmdp_grid(budget) + dual_grid(budget)
     elif chunk == "lr-ablation":
         method = dict((name, m) for name, _, m in cmdp_grid(0.05))[PAPER]
         runs = [(f"{PAPER}_lr{lr}", 1, f"{method} --learning-rate {lr}") for lr in LRS]
@@ -138,13 +145,15 @@ def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
             raise SystemExit(
                 f"{chunk}: no settings chosen at d = {budget} yet; run tune-d{budget}, then benchmark/claim_results.py."
             )
-        tuned = {name: method for name, _, method in chunk_runs(f"tune-d{budget}")}
+        tuned = {name: method for name, _, method in chunk_runs(f"tune-d{budget}") + fixed_grid()}
         paper = PAPER + ("" if budget == "0.05" else f"_d{budget}")
         names = list(dict.fromkeys([*chosen.values(), paper]))
         return [(name, seed, tuned[name]) for seed in range(1, 6) for name in names]  # seed by seed
     else:
         raise SystemExit(f"unknown chunk {chunk!r}: {', '.join(CHUNKS)}.")
-    return sorted(runs, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST))
+    base = [name.split("_d0")[0] for name, _, _ in runs]  # the d = 0.05 name of a run trained for another budget
+    order = [FIRST.index(b) if b in FIRST else len(FIRST) for b in base]
+    return [run for _, run in sorted(zip(order, runs), key=lambda pair: pair[0])]
 
 
 def select(chunk: str, seeds: list[int] | None = None, only: list[str] | None = None) -> list[tuple[str, int, str]]:

@@ -149,3 +149,15 @@ def test_committed_tables_are_what_the_committed_results_give(tmp_path):
     assert json.loads((copy / "chosen.json").read_text()) == json.loads(
         (ROOT / "benchmark/results/claim/chosen.json").read_text()
     )
+
+
+@pytest.mark.parametrize("budget", ["0.1", "0.013"])
+def test_other_budgets_train_cmdp_with_n_1_and_20_and_dual_ascent_for_their_budget(budget):
+    runs = sweep.chunk_runs(f"tune-d{budget}")
+    names = [name for name, _, _ in runs]
+    assert all(name.endswith(f"_d{budget}") for name in names) and len(names) == len(set(names)) == 16
+    assert {n.split("_")[1] for n in names if n.startswith("cmdp_")} == {"n1", "n20"}
+    assert sum(n.startswith("dual_") for n in names) == 6 and not any(n.startswith("fixed_") for n in names)
+    sums = [m for _, _, m in runs if "--constraint sum" in m]
+    assert sums and all(f"--budget {float(budget) * 19.5:g}" in m for m in sums)
+    assert all(f"--budget {budget}" in m for _, _, m in runs if "--constraint sum" not in m)
