@@ -8,13 +8,17 @@ deployment (docs/method.md). The teacher only scores the student's own tokens.
     A_i = R~_i - mean_group(R~)                                                group-relative advantage
     loss = 1/N [ -sum_{i,t} A_i log pi_theta(y_it|s_it)                        (I)  policy gradient, R~ detached
                  + beta * sum_{i: phi(y_i) > d} phi(y_i) ]                     (II) explicit gradient of phi, violators
-    N: the step's response tokens, so that loss = B/N x -grad J_n estimated over its B responses, at any length
-Choices where the paper is silent or differs (docs/method.md#choices-and-departures), each with its flag:
-1. phi(y) is the response's own cost (no flag); beta = --explicit-coef (1: the paper's weighting).
+    N: the step's response tokens, so that at beta = 1 loss = B/N x -grad J_n over the step's B responses, at any
+    length (with centred advantages, in the first epoch; a group's mean includes the response, so (I) is (G-1)/G of
+    the estimate in expectation)
+Choices where the paper is silent or differs (docs/method.md, the two tables), a flag or "no flag" for each:
+1. phi(y) is the response's own cost (no flag). beta = --explicit-coef, 20 by default; the paper's weighting is 1,
+   which at n = 20 lost accuracy and left about half the responses over budget on the toy task (docs/results.md).
 2. The budget bounds the mean per-token KL (--constraint mean, the default); the paper's sum: --constraint sum.
 3. The cost sums every response token's KL, undiscounted (gamma = 1; no flag); no probability floor (no flag).
 4. Advantages centred per group (--norm-adv-std divides by its std); no reference-model KL term (no flag).
-5. Learning rate, batch and steps from measured sweeps on the toy task (docs/results.md).
+5. Learning rate, batch and steps from measured sweeps on the toy task (docs/results.md): --learning-rate,
+   --prompts-per-step, --group-size, --num-steps.
 Shapes: P prompts per step and G responses per prompt (all ranks), B = P * G responses per step, R = B / world_size
 responses on this rank, M responses per micro-batch, T a micro-batch's padded length minus one, N response tokens
 (of the step in the loss; of a micro-batch for hidden states), H a hidden size.
@@ -134,9 +138,10 @@ class Args:
     # Algorithm specific arguments
     penalty: float = 20.0
     """n >= 0: a violating response's reward is -(n + phi(y)) (the paper uses 20; R is in {0, 1})"""
-    explicit_coef: float = 1.0
-    """beta >= 0: weight of term (II), the explicit gradient of phi on violators (1: the paper's weighting, the
-    derivative of J_n; 0: the policy gradient alone)"""
+    explicit_coef: float = 20.0
+    """beta >= 0: weight of term (II), the explicit gradient of phi on violators. 1 is the paper's weighting, the
+    derivative of J_n; 20 (the default) measured best at n = 20 on the toy task (docs/results.md); 0: the policy
+    gradient alone"""
 
 
 # ALGO LOGIC: the method as pure functions; phi(y), the cost of a response, is common.sequence_costs (evaluation
@@ -152,8 +157,9 @@ def modified_rewards(rewards: torch.Tensor, costs: torch.Tensor, budget: float, 
 def group_advantages(rewards: torch.Tensor, group_size: int, norm_std: bool) -> torch.Tensor:
     """A_i = R_i - mean of its group (R,) float32, optionally / (group std + 1e-6); groups are consecutive rows.
 
-    Computed in float64: a group of equal rewards gets exactly 0 (in float32 the mean of eight -(20 + 0.0612) lands a
-    rounding step off, and dividing by a std of ~1e-6 turns that into +-1), and a tiny spread keeps its true shape.
+    Computed in float64: a group of equal rewards gets exactly 0 (in float32 the mean of eight CMDP violators'
+    -(20 + 0.0612) lands a rounding step off, and dividing by a std of ~1e-6 turns that into 0.63 for the whole
+    group), and a tiny spread keeps its true shape.
     """
     grouped = rewards.double().view(-1, group_size)
     advantages = grouped - grouped.mean(1, keepdim=True)
@@ -179,10 +185,10 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef: float, num_
 def explicit_cost_loss(phi: torch.Tensor, violated: torch.Tensor, num_tokens: int, coef: float) -> torch.Tensor:
     """Term (II): beta * 1/N sum over violating responses of phi(y) (M,), differentiable, teacher detached.
 
-    Divided by N, the step's response tokens, as the policy-gradient term (I) is: (I) + (II) is then B/N times the
-    derivative of J_n estimated over the step's B responses, -1/B [sum_i A_i sum_t grad log pi(y_it) - sum_{i
-    violating} grad phi(y_i)], at every response length, and beta = 1 is the paper's weighting. Each violator counts
-    once, so the term fades as violations become rare.
+    Divided by N, the step's response tokens, as the policy-gradient term (I) is: with beta = 1, the paper's
+    weighting, the gradient of (I) + (II) is then B/N times -grad J_n estimated over the step's B responses,
+    -1/B [sum_i A_i sum_t grad log pi(y_it) - sum_{i violating} grad phi(y_i)], at every response length. Each
+    violator counts once, so the term fades as violations become rare.
     """
     return coef * (phi * violated.to(phi.dtype)).sum() / num_tokens
 

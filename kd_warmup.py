@@ -4,10 +4,12 @@ reward signal yet (the paper warms Llama-3.2-3B up this way for 3 epochs; docs/m
 
     y ~ pi_T(.|x) at --temperature (1: the teacher's own distribution)          fresh teacher samples each step
     loss = -1/N sum_{i,t} log pi_theta(y_it|s_it)                               cross-entropy on the teacher's tokens
-N: the step's response tokens. In expectation over the teacher's samples the loss is the forward KL(pi_T || pi_theta)
-plus the teacher's entropy, so it pulls the student towards the teacher where the teacher puts its mass.
-Choices (ours: the paper gives the warm-up's length only), each with its flag: samples drawn fresh every step, not a
-fixed dataset (no flag); --temperature 1; its own AdamW (--learning-rate), so the RL run starts with fresh moments.
+N: the step's response tokens. At --temperature 1, in expectation over the teacher's samples, each response's summed
+term is the sequence-level forward KL(pi_T || pi_theta) plus the teacher's entropy (the 1/N weighting keeps this only
+approximately per token), so it pulls the student towards the teacher where the teacher puts its mass.
+Choices (ours: the paper gives the warm-up's length only), a flag or "no flag" for each: samples drawn fresh every
+step, not a fixed dataset (no flag); --temperature 1; its own AdamW (--learning-rate), so the RL run starts with
+fresh moments.
 Writes {output_dir}/{exp_name}__{seed}__{unix_time}/checkpoint-{step}/ (save_pretrained): pass it to either training
 script as --student. Full fine-tuning only (an RL run with --lora-rank puts its adapters on the warmed-up weights).
 Shapes: P prompts per step and G teacher samples per prompt (all ranks), M responses per micro-batch, N response

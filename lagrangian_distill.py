@@ -1,20 +1,21 @@
 """Soft-Lagrangian distillation baselines: task reward minus a multiplier times each response's KL cost to a teacher.
 
-The baselines that Zimmer et al., arXiv 2509.22921, compare against (docs/method.md#the-lagrangian-baselines):
-dual ascent on lambda, GKD-GRPO (fixed lambda), GRPO (lambda = 0) and on-policy KD, one --method each. The same loop
-as cmdp_distill.py: `diff cmdp_distill.py lagrangian_distill.py` shows only the method.
+The baselines that Zimmer et al., arXiv 2509.22921, compare against, GKD-GRPO (fixed lambda), GRPO (lambda = 0) and
+on-policy KD, and dual ascent on lambda (ours), one --method each (docs/method.md#the-lagrangian-baselines). The
+same loop as cmdp_distill.py: `diff cmdp_distill.py lagrangian_distill.py` shows only the method.
 
     c_t and cost(y) as in cmdp_distill.py (--constraint sum | mean | prefix: common.sequence_costs)
     A_i = R_i - mean_group(R)                                          group-relative advantage of the task reward
     loss = 1/N [ -sum_{i,t} A_i log pi_theta(y_it|s_it)                policy gradient (none with --method kd)
                  + lambda * sum_i cost(y_i) ]                          differentiable penalty on every response
     N: the step's response tokens, so that lambda weighs cost against reward, R - lambda * cost, at any length
+    (with centred advantages, in the first epoch; up to (G-1)/G on (I), as in cmdp_distill.py)
     dual ascent after each step: lambda <- max(0, lambda + eta * (mean_i cost(y_i) - d))      (--method dual only)
-This bounds the *mean* cost over responses, where the CMDP method bounds each response's: compare their CSR.
-Choices where the paper is silent (ours), each with its flag: the exact per-token reverse KL as in cmdp_distill.py
-(no flag); the penalty is a loss term differentiated through the KL, not a reward (no flag); lambda starts at
---lambda-init and, with --method dual only, moves by --lambda-lr; advantages centred per group (--norm-adv-std);
-learning rate from the same sweep as cmdp_distill.py (docs/results.md).
+Dual ascent bounds the *mean* cost over responses, where the CMDP method bounds each response's: compare their CSR.
+Choices where the paper is silent (ours), a flag or "no flag" for each: the exact per-token reverse KL as in
+cmdp_distill.py (no flag); the penalty is a loss term differentiated through the KL, not a reward (no flag); lambda
+starts at --lambda-init and, with --method dual only, moves by --lambda-lr; advantages centred per group
+(--norm-adv-std); learning rate from the same sweep as cmdp_distill.py (--learning-rate; docs/results.md).
 Shapes: P prompts per step and G responses per prompt (all ranks), B = P * G responses per step, R = B / world_size
 responses on this rank, M responses per micro-batch, T a micro-batch's padded length minus one, N response tokens
 (of the step in the loss; of a micro-batch for hidden states), H a hidden size.
@@ -136,8 +137,8 @@ class Args:
     """baseline: 'dual' ascent on lambda; 'fixed' lambda (GKD-GRPO); 'grpo', lambda = 0 (the task reward only); 'kd',
     on-policy distillation (no task reward: lambda times the mean cost, lambda fixed)"""
     lambda_init: float | None = None
-    """lambda >= 0 at step 0 (dual) or throughout (fixed, kd), in units of reward per unit of cost: the loss is the
-    derivative of mean_i R(y_i) - lambda * cost(y_i) (times B/N); None: 1 (grpo takes none: its lambda is 0)"""
+    """lambda >= 0 at step 0 (dual) or throughout (fixed, kd), in units of reward per unit of cost: the loss's gradient
+    is -B/N times that of mean_i R(y_i) - lambda * cost(y_i); None: 1 (grpo takes none: its lambda is 0)"""
     lambda_lr: float | None = None
     """eta > 0: dual-ascent step size on (mean cost - budget) after each step, --method dual only; None: 10"""
 
@@ -160,8 +161,9 @@ def dual_update(lagrange_multiplier: float, mean_cost: float, budget: float, lr:
 def group_advantages(rewards: torch.Tensor, group_size: int, norm_std: bool) -> torch.Tensor:
     """A_i = R_i - mean of its group (R,) float32, optionally / (group std + 1e-6); groups are consecutive rows.
 
-    Computed in float64: a group of equal rewards gets exactly 0 (in float32 the mean of eight -(20 + 0.0612) lands a
-    rounding step off, and dividing by a std of ~1e-6 turns that into +-1), and a tiny spread keeps its true shape.
+    Computed in float64: a group of equal rewards gets exactly 0 (in float32 the mean of eight CMDP violators'
+    -(20 + 0.0612) lands a rounding step off, and dividing by a std of ~1e-6 turns that into 0.63 for the whole
+    group), and a tiny spread keeps its true shape.
     """
     grouped = rewards.double().view(-1, group_size)
     advantages = grouped - grouped.mean(1, keepdim=True)
@@ -187,8 +189,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef: float, num_
 def lagrangian_penalty(costs: torch.Tensor, lagrange_multiplier: float, num_tokens: int) -> torch.Tensor:
     """lambda * 1/N sum_i cost(y_i) over every response, costs (M,) differentiable, teacher detached.
 
-    Divided by N, the step's response tokens, as the policy-gradient term is: the loss is then B/N times the
-    derivative of the step's mean of R(y) - lambda * cost(y), so lambda is in units of reward per unit of cost at every
+    Divided by N, the step's response tokens, as the policy-gradient term is: the loss's gradient is then -B/N times
+    that of the step's mean of R(y) - lambda * cost(y), so lambda is in units of reward per unit of cost at every
     response length (the penalty's gradient flows through the KL, not through the sampling: docs/method.md).
     """
     return lagrange_multiplier * costs.sum() / num_tokens

@@ -53,7 +53,7 @@ BETAS = ("0.3", "1", "3", "10", "20")
 LAMBDAS = ("1", "3", "5", "7", "10", "14", "20", "30", "100")  # reward per unit of cost (nats per token)
 DUAL_LRS = ("10", "100", "1000")
 DUAL_INITS = ("0", "10")
-PAPER = "cmdp_n20_centred_b1"  # the paper's setting: n = 20, beta = 1, advantages centred (this project's default)
+PAPER = "cmdp_n20_centred_b1"  # the paper's setting: n = 20, beta = 1; centred advantages (this project's default)
 
 
 def cmdp_run(budget: float, n: str, norm: str, beta: str, form: str = "mean") -> tuple[str, int, str]:
