@@ -146,10 +146,9 @@ KNOWN_DISAGREEMENTS = {
 def test_public_cases_agreement():
     assert len(CASES) == 322 and len({c["id"] for c in CASES}) == 322
     assert all(re.match(r"[\w.-]+/[\w.-]+@[0-9a-f]{40} \S", c["source"]) for c in CASES)  # repository@commit path
-    disagreements = [c for c in CASES if is_correct(c["response"], c["gold"]) is not c["expected"]]
-    # A first parse of an unusual shape is slower (ANTLR fills its cache), so a disagreement is graded once
-    # more; each public case takes at most ~0.2 s of CPU cold, half of the 0.4 s limit.
-    disagreements = {c["id"] for c in disagreements if is_correct(c["response"], c["gold"]) is not c["expected"]}
+    # Graded once each, cold: the first parse of an unusual shape is slower (ANTLR fills its cache), up to 0.4 s of
+    # CPU on a loaded 2-core machine, within the 1 s limit, so the first verdict is the verdict.
+    disagreements = {c["id"] for c in CASES if is_correct(c["response"], c["gold"]) is not c["expected"]}
     agreement = len(CASES) - len(disagreements)
     print(
         f"\npublic cases: {agreement}/{len(CASES)} ({100 * agreement / len(CASES):.1f}%) "
