@@ -33,7 +33,8 @@ FAMILIES = {
     "fixed": "fixed lambda",
 }
 COLOURS = {"cmdp": "tab:blue", "cmdpsum": "tab:cyan", "dual": "tab:orange", "fixed": "tab:green"}
-TUNING_CHUNKS = ("tune-d0.05", "tune-d0.1", "tune-d0.013")  # not lr-ablation: no method tunes its learning rate
+# not lr-ablation: no method tunes its learning rate
+TUNING_CHUNKS = ("tune-d0.05", "refine-d0.05", "tune-d0.1", "tune-d0.013")
 MEAN_TOKENS = 19.5  # the sum form's per-response budget is d x MEAN_TOKENS (benchmark/claim_sweep.py)
 TARGET_CSR, TARGET_ACC = 0.9, 0.95  # "reaches the budget without losing the reward": what a user would search for
 SETTLE_TOL = {"eval/accuracy": 0.03, "eval/csr": 0.05}  # in-run evals: 200 problems, standard error about 0.02-0.03

@@ -17,15 +17,16 @@ problems included); every run trains on the remaining 19,500.
     python benchmark/claim_sweep.py list tune-d0.05             # the chunk's runs as plain commands
     python benchmark/claim_sweep.py run tune-d0.05 --jobs 2     # run it (re-run to resume)
 
-Chunks: tune-d0.05 (31 runs on the validation split, seed 1: CMDP's beta in {0.3, 1, 3, 10, 20} x n in {1, 20} with
-centred advantages, std-normalised advantages at beta 1 and 20, the sum form; fixed lambda on a grid of 9; dual
-ascent step size x starting lambda), lr-ablation (2: the paper's setting at a third and three times the learning
-rate), tune-d0.1 and tune-d0.013 (16 each: CMDP and dual ascent trained for that budget, CMDP's beta in {1, 10,
-20} x n in {1, 20}, the std-normalised at beta 20, the sum form; fixed lambda's runs at d = 0.05 serve every budget),
-final-d0.05 / final-d0.1 / final-d0.013 (each method's setting that benchmark/claim_results.py chose on
-validation at that budget, benchmark/results/claim/chosen.json, and the paper's setting, seeds 1-5, evaluated on
-the toy test split). A run whose seed-1 training already exists in --out (the tuning run of the same name) is only
-evaluated on the new split.
+Chunks: tune-d0.05 (31 runs on the validation split, seed 1: CMDP's beta in {0.3, 1, 3, 10, 20} x n in {1, 20}
+with centred advantages, std-normalised advantages at beta 1 and 20, the sum form; fixed lambda on a grid of 9; dual
+ascent step size x starting lambda), refine-d0.05 (10: one step either side of each family's best on validation,
+REFINE below), lr-ablation (2: the paper's setting at a third and three times the learning rate), tune-d0.1 and
+tune-d0.013 (16 each: CMDP and dual ascent trained for that budget, CMDP's beta in {1, 10, 20} x n in {1, 20}, the
+std-normalised at beta 20, the sum form; fixed lambda's runs at d = 0.05 serve every budget), final-d0.05 /
+final-d0.1 / final-d0.013 (each method's setting that benchmark/claim_results.py chose on validation at that budget,
+benchmark/results/claim/chosen.json, and the paper's n = 20 and beta = 1 in both the per-token and the paper's sum
+form, seeds 1-5, evaluated on the toy test split). A run whose seed-1 training already exists in --out (the tuning
+run of the same name) is only evaluated on the new split.
 
     python benchmark/claim_sweep.py run final-d0.05 --seeds 2 3 4 5 --jobs 16 --extra "--device cuda --dtype float32"
 """
@@ -53,7 +54,8 @@ BETAS = ("0.3", "1", "3", "10", "20")
 LAMBDAS = ("1", "3", "5", "7", "10", "14", "20", "30", "100")  # reward per unit of cost (nats per token)
 DUAL_LRS = ("10", "100", "1000")
 DUAL_INITS = ("0", "10")
-PAPER = "cmdp_n20_centred_b1"  # the paper's setting: n = 20, beta = 1; centred advantages (this project's default)
+PAPER = "cmdp_n20_centred_b1"  # the paper's n = 20 and beta = 1 under the per-token mean constraint (the default form)
+PAPER_SUM = "cmdpsum_n20_centred_b1"  # the paper's form: its summed-KL constraint, n = 20, beta = 1, centred
 
 
 def cmdp_run(budget: float, n: str, norm: str, beta: str, form: str = "mean") -> tuple[str, int, str]:
@@ -123,14 +125,43 @@ FIRST = (
     "cmdpsum_n20_centred_b1",
     "cmdpsum_n20_std_b1",
 )
+# refine-d0.05: after tune-d0.05, one step either side of each family's best setting on validation (or beyond it where
+# the best sat at the grid's end), alike for every family; fixed lambda: best 7 (5: 0.942, 10: 0.964); CMDP, n = 1:
+# best beta 10; n = 20 (the default's): best beta 20, the grid's end; the sum form: best beta 1 with std advantages;
+# dual ascent: best eta 1000, the grid's end, its outcome flat in eta
+REFINE = (
+    [cmdp_run(0.05, "1", "centred", beta) for beta in ("6", "14")]
+    + [cmdp_run(0.05, "20", "centred", beta) for beta in ("14", "40")]
+    + [cmdp_run(0.05, "20", "std", beta, "sum") for beta in ("0.3", "3")]
+    + [(f"fixed_l{lam}", 1, f"lagrangian_distill.py --method fixed --lambda-init {lam}") for lam in ("6", "8.5")]
+    + [
+        (
+            f"dual_eta10000_l{init}",
+            1,
+            f"lagrangian_distill.py --method dual --budget 0.05 --lambda-init {init} --lambda-lr 10000",
+        )
+        for init in ("0", "10")
+    ]
+)
 OTHER_BUDGETS = ("0.1", "0.013")  # twice the default, and the pilot's (docs/results.md, "Choosing the budget")
-CHUNKS = ("tune-d0.05", "tune-d0.1", "tune-d0.013", "lr-ablation", "final-d0.05", "final-d0.1", "final-d0.013")
+CHUNKS = (
+    "tune-d0.05",
+    "refine-d0.05",
+    "tune-d0.1",
+    "tune-d0.013",
+    "lr-ablation",
+    "final-d0.05",
+    "final-d0.1",
+    "final-d0.013",
+)
 
 
 def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
     """(run name, seed, script and method flags) of every run of a chunk, most informative first."""
     if chunk == "tune-d0.05":  # fixed lambda is budget-free: its front at every budget comes from these runs
         runs = cmdp_grid(0.05) + fixed_grid() + dual_grid(0.05)
+    elif chunk == "refine-d0.05":
+        runs = list(REFINE)
     elif chunk.removeprefix("tune-d") in OTHER_BUDGETS:  # CMDP and dual ascent trained for that budget
         budget = float(chunk.removeprefix("tune-d"))
         runs = cmdp_grid(budget) + dual_grid(budget)
@@ -145,9 +176,10 @@ def chunk_runs(chunk: str) -> list[tuple[str, int, str]]:
             raise SystemExit(
                 f"{chunk}: no settings chosen at d = {budget} yet; run tune-d{budget}, then benchmark/claim_results.py."
             )
-        tuned = {name: method for name, _, method in chunk_runs(f"tune-d{budget}") + fixed_grid()}
-        paper = PAPER + ("" if budget == "0.05" else f"_d{budget}")
-        names = list(dict.fromkeys([*chosen.values(), paper]))
+        refined = list(REFINE) if budget == "0.05" else []
+        tuned = {name: method for name, _, method in chunk_runs(f"tune-d{budget}") + fixed_grid() + refined}
+        tag = "" if budget == "0.05" else f"_d{budget}"
+        names = list(dict.fromkeys([*chosen.values(), PAPER + tag, PAPER_SUM + tag]))
         return [(name, seed, tuned[name]) for seed in range(1, 6) for name in names]  # seed by seed
     else:
         raise SystemExit(f"unknown chunk {chunk!r}: {', '.join(CHUNKS)}.")

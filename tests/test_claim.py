@@ -28,13 +28,18 @@ def test_final_chunk_runs_the_chosen_tuning_commands_and_the_papers_setting_with
     chosen = {"0.05": {"cmdp": "cmdp_n1_centred_b20", "dual": "dual_eta100_l0", "fixed": "fixed_l10"}}
     (tmp_path / "chosen.json").write_text(json.dumps(chosen))
     monkeypatch.setattr(sweep, "RESULTS", tmp_path)
-    tuned = {name: method for name, _, method in sweep.chunk_runs("tune-d0.05")}
+    tuned = {name: method for name, _, method in sweep.chunk_runs("tune-d0.05") + sweep.chunk_runs("refine-d0.05")}
     runs = sweep.chunk_runs("final-d0.05")
     assert sorted({seed for _, seed, _ in runs}) == [1, 2, 3, 4, 5]
-    assert {name for name, _, _ in runs} == {*chosen["0.05"].values(), sweep.PAPER}
+    assert {name for name, _, _ in runs} == {*chosen["0.05"].values(), sweep.PAPER, sweep.PAPER_SUM}
     assert all(method == tuned[name] for name, _, method in runs)  # the setting chosen is the setting run
-    assert len(runs) == len(set((name, seed) for name, seed, _ in runs)) == 5 * 4
-    assert "--penalty 20 --explicit-coef 1" in tuned[sweep.PAPER] and "--norm-adv-std" not in tuned[sweep.PAPER]
+    assert len(runs) == len(set((name, seed) for name, seed, _ in runs)) == 5 * 5
+    for paper in (sweep.PAPER, sweep.PAPER_SUM):  # the paper's n and beta, centred, in both constraint forms
+        assert "--penalty 20 --explicit-coef 1" in tuned[paper] and "--norm-adv-std" not in tuned[paper]
+    assert "--constraint sum" in tuned[sweep.PAPER_SUM] and "--constraint" not in tuned[sweep.PAPER]
+    chosen["0.05"]["fixed"] = "fixed_l8.5"  # a setting of the refinement is run with its own command
+    (tmp_path / "chosen.json").write_text(json.dumps(chosen))
+    assert {m for name, _, m in sweep.chunk_runs("final-d0.05") if name == "fixed_l8.5"} == {tuned["fixed_l8.5"]}
     monkeypatch.setattr(sweep, "RESULTS", tmp_path / "none")
     with pytest.raises(SystemExit, match="no settings chosen at d = 0.1 yet"):
         sweep.chunk_runs("final-d0.1")
@@ -55,6 +60,15 @@ def test_grids_bracket_the_papers_weighting_and_tune_every_method():
     lrs = [method for _, _, method in sweep.chunk_runs("lr-ablation")]
     assert [m.split("--learning-rate ")[1] for m in lrs] == list(sweep.LRS)
     assert names[0] == sweep.PAPER  # a chunk cut short has the paper's setting
+
+
+def test_the_refinement_steps_either_side_of_each_familys_best_and_repeats_nothing():
+    tuned = {name for name, _, _ in sweep.chunk_runs("tune-d0.05")}
+    refined = {name: method for name, _, method in sweep.chunk_runs("refine-d0.05")}
+    assert len(refined) == 10 and not tuned & set(refined)
+    assert {name.split("_")[0] for name in refined} == {"cmdp", "cmdpsum", "fixed", "dual"}  # every family alike
+    assert refined["fixed_l8.5"] == "lagrangian_distill.py --method fixed --lambda-init 8.5"
+    assert "--constraint sum --budget 0.975" in refined["cmdpsum_n20_std_b3"]
 
 
 def test_in_run_evals_use_the_validation_split_in_every_chunk(tmp_path):
