@@ -12,8 +12,9 @@ deployment (docs/method.md). The teacher only scores the student's own tokens.
     length (with centred advantages, in the first epoch; a group's mean includes the response, so (I) is (G-1)/G of
     the estimate in expectation)
 Choices where the paper is silent or differs (docs/method.md, the two tables), a flag or "no flag" for each:
-1. phi(y) is the response's own cost (no flag). beta = --explicit-coef, 20 by default; the paper's weighting is 1,
-   which at n = 20 lost accuracy and left about half the responses over budget on the toy task (docs/results.md).
+1. phi(y) is the response's own cost (no flag). beta = --explicit-coef, 20 by default; the paper's weighting is 1:
+   with the paper's --constraint sum it worked on the toy task, under the default mean form (phi divided by the
+   length, ~20 tokens) it lost accuracy and left about half the responses over budget at n = 20 (docs/results.md).
 2. The budget bounds the mean per-token KL (--constraint mean, the default); the paper's sum: --constraint sum.
 3. The cost sums every response token's KL, undiscounted (gamma = 1; no flag); no probability floor (no flag).
 4. Advantages centred per group (--norm-adv-std divides by its std); no reference-model KL term (no flag).
@@ -140,8 +141,8 @@ class Args:
     """n >= 0: a violating response's reward is -(n + phi(y)) (the paper uses 20; R is in {0, 1})"""
     explicit_coef: float = 20.0
     """beta >= 0: weight of term (II), the explicit gradient of phi on violators. 1 is the paper's weighting, the
-    derivative of J_n; 20 (the default) measured best at n = 20 on the toy task (docs/results.md); 0: the policy
-    gradient alone"""
+    derivative of J_n (with --constraint sum, the paper's form); 20 (the default) about the toy task's response
+    length, for the mean form, which divides phi by it (docs/results.md); 0: the policy gradient alone"""
 
 
 # ALGO LOGIC: the method as pure functions; phi(y), the cost of a response, is common.sequence_costs (evaluation
