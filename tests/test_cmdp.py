@@ -279,9 +279,10 @@ def test_two_steps_end_to_end(tiny_toy, tmp_path):
         records[1]["train/mean_kl"] > 0.0001 and records[1]["train/csr"] == 0
     )  # the tiny student violates the tiny budget ...
     assert records[1]["train/shaped_reward"] < -20  # ... so every response gets -(n + phi)
-    # (II) with every response violating: sum_i phi(y_i) / N = the mean cost / the mean response length
+    # (II) with every response violating: beta sum_i phi(y_i) / N = beta x the mean cost / the mean response length
+    assert cmdp.Args().explicit_coef == 20.0  # the default weight of (II), which this run uses
     assert records[1]["losses/explicit_cost_loss"] == pytest.approx(
-        records[1]["train/cost"] / records[1]["train/response_tokens"], rel=1e-4
+        20.0 * records[1]["train/cost"] / records[1]["train/response_tokens"], rel=1e-4
     )
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 4 and all(s["shaped_reward"] == pytest.approx(-(20 + s["cost"])) for s in samples)
