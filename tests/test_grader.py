@@ -51,6 +51,7 @@ MATH500_EQUIVALENT_NEIGHBOURS = {"test/algebra/1837.json"}  # answer `5`, next a
 
 
 @needs_data
+@pytest.mark.slow  # seconds each; the fast tier keeps the quicker ones
 def test_math500_solutions_grade_against_their_answer():
     rows = _jsonl("math500_test.jsonl")
     assert len(rows) == 500
@@ -143,6 +144,7 @@ KNOWN_DISAGREEMENTS = {
 }
 
 
+@pytest.mark.slow  # seconds each; the fast tier keeps the quicker ones
 def test_public_cases_agreement():
     assert len(CASES) == 322 and len({c["id"] for c in CASES}) == 322
     assert all(re.match(r"[\w.-]+/[\w.-]+@[0-9a-f]{40} \S", c["source"]) for c in CASES)  # repository@commit path
@@ -158,6 +160,7 @@ def test_public_cases_agreement():
     assert agreement / len(CASES) >= 0.97
 
 
+@pytest.mark.slow  # seconds each; the fast tier keeps the quicker ones
 def test_public_cases_from_threads_match_the_main_thread():
     cases = [c for c in CASES if len(c["response"]) < 2000]
     main = [is_correct(c["response"], c["gold"]) for c in cases]
@@ -409,6 +412,7 @@ def _timed(grader, response, gold):
 TIME_LIMIT = common._WALL_SECONDS + 1.5
 
 
+@pytest.mark.slow  # seconds each; the fast tier keeps the quicker ones
 def test_fuzz_random_strings_are_judged_by_their_extracted_answer_alone():
     """Random text: no exception, a bool within the time limit, nothing paid without a final answer, the lenient
     grader equal to the strict one wherever there is one, and the extracted answer judged alone: boxed on its own
@@ -585,6 +589,7 @@ def test_slow_answers_from_worker_threads():
     assert results == [False] and fired == [worker.name]  # the watchdog cut it short in the worker thread itself
 
 
+@pytest.mark.slow  # seconds each; the fast tier keeps the quicker ones
 def test_model_text_is_never_evaluated(monkeypatch):
     """sympy's parse_expr (an eval) is reached only through sympify from two callers: sympy.Number(token),
     for the LaTeX grammar's NUMBER, PERCENT_NUMBER and E_NOTATION tokens, and sympy's own nsimplify, for

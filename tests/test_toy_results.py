@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -60,6 +61,7 @@ def fake_run(sweep, exp_name, seed, budget, greedy, sampled, steps=4, finished=T
         fake_eval(run / "eval_sampled", *sampled)
 
 
+@pytest.mark.slow  # seconds each; the fast tier keeps the quicker ones
 def test_tables_from_a_fake_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     for decoding in ("greedy", "sampled"):
