@@ -283,7 +283,11 @@ def ablation(runs: dict[str, list[dict]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     cmdp = {name: rs for name, rs in runs.items() if family(name) == "cmdp"}
-    order = lambda name: (int(setting(name)["n"]), setting(name)["adv"], float(setting(name)["beta"]), name)  # noqa: E731
+
+    def order(name: str) -> tuple:
+        k = setting(name)
+        return int(k["n"]), k["adv"], float(k["beta"]), name
+
     for name, rs in sorted(cmdp.items(), key=lambda kv: order(kv[0])):
         k, m = setting(name), metrics(rs[0], 0.05)
         settled = f"{m['settle_acc']} / {m['settle_csr']}" if m["kl"] < 1 else f"diverged (mean KL {m['kl']:.1f})"
