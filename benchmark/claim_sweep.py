@@ -19,7 +19,7 @@ problems included); every run trains on the remaining 19,500.
 
 Chunks: tune-d0.05 (31 runs on the validation split, seed 1: CMDP's beta in {0.3, 1, 3, 10, 20} x n in {1, 20}
 with centred advantages, std-normalised advantages at beta 1 and 20, the sum form; fixed lambda on a grid of 9; dual
-ascent step size x starting lambda), refine-d0.05 (11: one step either side of each family's best on validation,
+ascent step size x starting lambda), refine-d0.05 (14: one step either side of each family's best on validation,
 REFINE below), lr-ablation (2: the paper's setting at a third and three times the learning rate), tune-d0.1 and
 tune-d0.013 (16 each: CMDP and dual ascent trained for that budget, CMDP's beta in {1, 10, 20} x n in {1, 20}, the
 std-normalised at beta 20, the sum form; fixed lambda's runs at d = 0.05 serve every budget), final-d0.05 /
@@ -128,18 +128,27 @@ FIRST = (
 # refine-d0.05: after tune-d0.05, one step either side of each family's best setting on validation (or beyond it where
 # the best sat at the grid's end), alike for every family; fixed lambda: best 7 (5: 0.942, 10: 0.964); CMDP, n = 1:
 # best beta 10; n = 20 (the default's): best beta 20, the grid's end; the sum form: best beta 1 with std advantages;
-# dual ascent: best eta 1000, the grid's end, its outcome flat in eta; then the sum form's beta 10, since its
-# refinement's best (beta 3) sat at the end again
+# dual ascent: best eta 1000, the grid's end, its outcome flat in eta; then, while a family's best sat at the end of
+# its refinement, one more step the same way: the sum form's beta 10 (after 3) and 30 (after 10), dual ascent's eta
+# 100000 (after 10000)
 REFINE = (
     [cmdp_run(0.05, "1", "centred", beta) for beta in ("6", "14")]
     + [cmdp_run(0.05, "20", "centred", beta) for beta in ("14", "40")]
-    + [cmdp_run(0.05, "20", "std", beta, "sum") for beta in ("0.3", "3", "10")]
+    + [cmdp_run(0.05, "20", "std", beta, "sum") for beta in ("0.3", "3", "10", "30")]
     + [(f"fixed_l{lam}", 1, f"lagrangian_distill.py --method fixed --lambda-init {lam}") for lam in ("6", "8.5")]
     + [
         (
             f"dual_eta10000_l{init}",
             1,
             f"lagrangian_distill.py --method dual --budget 0.05 --lambda-init {init} --lambda-lr 10000",
+        )
+        for init in ("0", "10")
+    ]
+    + [
+        (
+            f"dual_eta100000_l{init}",
+            1,
+            f"lagrangian_distill.py --method dual --budget 0.05 --lambda-init {init} --lambda-lr 100000",
         )
         for init in ("0", "10")
     ]
