@@ -253,7 +253,7 @@ def main() -> None:
         *reach,
         "",
     ]
-    lines += ablation(load(args.results, "val.jsonl", ("tune-d0.05", "lr-ablation")))
+    lines += ablation(load(args.results, "val.jsonl", ("tune-d0.05", "refine-d0.05", "lr-ablation")))
     finals = {float(d.name.removeprefix("final-d")): d.name for d in sorted(args.results.glob("final-d*"))}
     if finals:
         test = Path("test.jsonl")  # the toy test split: built (if need be) only when its reference rows are missing
