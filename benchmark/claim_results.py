@@ -372,10 +372,11 @@ def plot_final(runs: dict[str, list[dict]], refs: dict, budget: float, out: Path
         return
     fig, ax = plt.subplots(figsize=(7, 5))
     markers, seen, lowest = iter("osD^v<>"), set(), 1.0
+    extra = iter(("tab:purple", "tab:brown", "tab:pink", "tab:olive"))  # a family's second setting, each its own
     for name, rs in sorted(runs.items()):
         ms = [metrics(r, budget) for r in rs]
         xs, ys, marker = [m["csr"] for m in ms], [m["acc"] for m in ms], next(markers)
-        colour = COLOURS[family(name)] if family(name) not in seen else "tab:purple"  # a family's second setting
+        colour = COLOURS[family(name)] if family(name) not in seen else next(extra)
         seen.add(family(name))
         lowest = min([lowest, *ys])
         ax.scatter(xs, ys, s=18, alpha=0.5, color=colour, marker=marker)
