@@ -457,7 +457,7 @@ def main(args: Args) -> dict:
         model=args.model,
         teacher=args.teacher,
         dataset=args.dataset,
-        split=args.split,
+        split=args.split if args.dataset == "toy" or args.dataset in common.HUB_DATASETS else None,  # a file has none
         sampler=args.sampler,
         seconds=round(time.time() - start, 1),
         device=str(device),

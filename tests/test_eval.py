@@ -53,6 +53,7 @@ def test_eval_end_to_end_with_teacher(tiny_toy, tmp_path):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert len(records) == 3 and summary["n"] == 3
+    assert summary["dataset"] == str(data) and summary["split"] is None  # --split is ignored for a file: not recorded
     assert [r["gold"] for r in records] == ["5", "5", "5"]
     assert [r["question"] for r in records] == [
         row.get("question") or row["problem"] for row in rows
